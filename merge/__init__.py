@@ -1,0 +1,1 @@
+"""mergekit merges, adapter combination and GGUF export (see issue: Merge and export)."""

@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI routes, request parsing and response formatting."""

@@ -1,0 +1,162 @@
+"""The FastAPI application: engines wired into a router, OpenAI routes, errors, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from serving.api.generation import GenerationService
+from serving.engines.base import Engine
+from serving.engines.llamacpp import LlamaCppEngine
+from serving.engines.vllm import VLLMEngine
+from serving.engines.vllm_launcher import VLLMLauncher
+from serving.errors import ApiError, InvalidRequest, NoEngineAvailable
+from serving.metrics import GatewayMetrics
+from serving.prompting import ChatTemplate
+from serving.router import Router
+from tuneserve import __version__
+from tuneserve.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engines(settings: Settings) -> list[Engine]:
+    """Engines in routing priority: vLLM (GPU) first when enabled, llama.cpp last."""
+    engines: list[Engine] = []
+    hf_path = settings.resolved_hf_path()
+    if settings.engines.vllm.enabled:
+        cfg = settings.engines.vllm
+        launcher = None
+        if cfg.launch.enabled:
+            launcher = VLLMLauncher(
+                cfg.launch,
+                hf_path,
+                settings.vllm_model_name(),
+                settings.model.max_model_len,
+                settings.data_dir / "logs" / "vllm.log",
+            )
+        engines.append(VLLMEngine(cfg, settings.vllm_model_name(), launcher))
+    if settings.engines.llamacpp.enabled:
+        cfg_l = settings.engines.llamacpp
+        # The HF tokenizer's template is what vLLM renders with; prefer it for parity.
+        template = ChatTemplate.from_hf_dir(hf_path) if (hf_path / "tokenizer_config.json").is_file() else None
+        engines.append(
+            LlamaCppEngine(
+                settings.resolved_gguf_path(),
+                n_ctx=settings.model.max_model_len,
+                workers=cfg_l.workers,
+                n_threads=cfg_l.n_threads,
+                n_batch=cfg_l.n_batch,
+                queue_size=cfg_l.queue_size,
+                template=template,
+            )
+        )
+    return engines
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastAPI:
+    engines = build_engines(settings) if engines is None else engines
+    metrics = GatewayMetrics([settings.model.name])
+    metrics.watch_engines(lambda: engines)
+    router = Router(engines, metrics)
+    service = GenerationService(
+        router,
+        metrics,
+        settings.model.name,
+        settings.server.max_body_bytes,
+        settings.server.request_timeout_s,
+    )
+    started_at = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for engine in engines:
+            await engine.start()
+        if not router.any_ready():
+            log.warning("no engine is ready yet; /ready answers 503 until one is")
+        try:
+            yield
+        finally:
+            for engine in engines:
+                await engine.stop()
+
+    app = FastAPI(title="tuneserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engines = engines
+    app.state.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(InvalidRequest(str(exc.errors()[0].get("msg", "invalid request"))))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(str(exc.detail), code=str(exc.status_code))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(ApiError("The server had an internal error; it has been logged."))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.handle(request, "completion")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model.name,
+                    "object": "model",
+                    "created": started_at,
+                    "owned_by": "tuneserve",
+                    "max_model_len": settings.model.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        statuses = {e.name: vars(e.status()) for e in engines}
+        if not router.any_ready():
+            error = NoEngineAvailable("No inference engine is ready.")
+            body = error.body()
+            body["engines"] = statuses
+            return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+        return JSONResponse({"status": "ready", "engines": statuses})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,178 @@
+"""Chat and completion requests, end to end: parse, route, stream or collect, measure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response
+
+from serving.api.parsing import parse_body, read_body
+from serving.api.responses import SSE_DONE, ResponseFormatter, sse
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest
+from serving.engines.base import GenerationRequest, TextDelta, Usage
+from serving.errors import ApiError, EngineFailed, ModelNotFound, RequestTimeout
+from serving.metrics import GatewayMetrics, RequestTimer
+from serving.router import RoutedStream, Router
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's code for "client went away"; a metrics label only
+DISCONNECT_POLL_S = 0.25
+
+
+class GenerationService:
+    def __init__(
+        self,
+        router: Router,
+        metrics: GatewayMetrics,
+        served_model: str,
+        max_body_bytes: int,
+        timeout_s: float,
+    ) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.served_model = served_model
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+
+    async def handle(self, http: Request, kind: Literal["chat", "completion"]) -> Response:
+        endpoint = "chat" if kind == "chat" else "completions"
+        timer = RequestTimer(self.metrics, endpoint, None)
+        try:
+            raw = await read_body(http, self.max_body_bytes)
+            if kind == "chat":
+                chat = parse_body(raw, ChatCompletionRequest)
+                body: ChatCompletionRequest | CompletionRequest = chat
+                max_tokens = chat.effective_max_tokens()
+            else:
+                body = completion = parse_body(raw, CompletionRequest)
+                max_tokens = completion.max_tokens
+            timer.model = self.metrics.model_label(body.model)
+            if body.model != self.served_model:
+                raise ModelNotFound(body.model)
+            prefix = "chatcmpl" if kind == "chat" else "cmpl"
+            request = GenerationRequest(
+                request_id=f"{prefix}-{uuid.uuid4().hex}",
+                kind=kind,
+                params=body.sampling(max_tokens),
+                messages=tuple(m.as_template_message() for m in chat.messages) if kind == "chat" else (),
+                prompt=completion.prompt_text() if kind == "completion" else "",
+            )
+            deadline = time.monotonic() + self.timeout_s
+            routed = await self.router.open(request)
+        except ApiError as exc:
+            timer.finish(exc.status_code)
+            raise
+        timer.routed(routed.backend)
+        formatter = ResponseFormatter(kind, request.request_id, body.model)
+        headers = {"x-request-id": request.request_id, "x-tuneserve-backend": routed.backend}
+        if body.stream:
+            return StreamingResponse(
+                self._stream(routed, formatter, timer, body.include_usage, deadline),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache"},
+            )
+        return await self._respond_whole(http, routed, formatter, timer, headers, deadline)
+
+    async def _collect(self, routed: RoutedStream, timer: RequestTimer, deadline: float) -> tuple[str, str, Usage]:
+        parts: list[str] = []
+        finish, usage = "stop", None
+        async with asyncio.timeout_at(_loop_time(deadline)):
+            async for event in routed.events():
+                if isinstance(event, TextDelta):
+                    timer.on_tokens(event.tokens)
+                    parts.append(event.text)
+                    finish = event.finish_reason or finish
+                else:
+                    usage = event
+        if usage is None:
+            raise EngineFailed(f"{routed.backend} ended without usage")
+        return "".join(parts), finish, usage
+
+    async def _respond_whole(
+        self,
+        http: Request,
+        routed: RoutedStream,
+        formatter: ResponseFormatter,
+        timer: RequestTimer,
+        headers: dict[str, str],
+        deadline: float,
+    ) -> Response:
+        task = asyncio.create_task(self._collect(routed, timer, deadline))
+        try:
+            # Cancel the generation if the client hangs up while waiting.
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await http.is_disconnected():
+                    task.cancel()
+                    timer.finish(CLIENT_CLOSED)
+                    return Response(status_code=CLIENT_CLOSED)
+            text, finish, usage = task.result()
+        except TimeoutError:
+            error = RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
+            timer.finish(error.status_code)
+            raise error from None
+        except ApiError as exc:
+            timer.finish(exc.status_code)
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+            await routed.aclose()
+        timer.finish(200, usage.prompt_tokens, usage.completion_tokens)
+        return JSONResponse(formatter.whole(text, finish, usage), headers=headers)
+
+    async def _stream(
+        self,
+        routed: RoutedStream,
+        formatter: ResponseFormatter,
+        timer: RequestTimer,
+        include_usage: bool,
+        deadline: float,
+    ) -> AsyncIterator[bytes]:
+        status, usage, finish = 200, Usage(0, 0), "stop"
+        try:
+            if formatter.kind == "chat":
+                yield formatter.chunk("", first=True)
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                async for event in routed.events():
+                    if isinstance(event, TextDelta):
+                        timer.on_tokens(event.tokens)
+                        finish = event.finish_reason or finish
+                        if event.text:
+                            yield formatter.chunk(event.text)
+                    else:
+                        usage = event
+            yield formatter.chunk("", finish_reason=finish)
+            if include_usage:
+                yield formatter.usage_chunk(usage)
+            yield SSE_DONE
+        except TimeoutError:
+            error = RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
+            status = error.status_code
+            yield sse(error.body())
+            yield SSE_DONE
+        except ApiError as exc:
+            # Headers are gone already: the error travels as an SSE event, as OpenAI does.
+            status = exc.status_code
+            log.warning("stream %s failed after first byte: %s", formatter.request_id, exc)
+            yield sse(exc.body())
+            yield SSE_DONE
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            await routed.aclose()
+            timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+
+
+def _loop_time(deadline: float) -> float:
+    """Convert a time.monotonic() deadline to the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

@@ -1,0 +1,93 @@
+"""The one interface every inference engine implements.
+
+The gateway speaks OpenAI to clients; engines speak in `GenerationRequest` and yield
+`TextDelta`s then one `Usage`. Formatting OpenAI responses stays in the API layer,
+so every engine gets the same metrics, errors and fallback for free.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Union
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    kind: Literal["chat", "completion"]
+    params: SamplingParams
+    messages: tuple[dict[str, Any], ...] = ()
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    # Set on the last delta: "stop" or "length".
+    finish_reason: str | None = None
+    # Tokens this delta stands for (an engine may merge tokens into one delta).
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+GenerationEvent = Union[TextDelta, Usage]
+
+
+@dataclass
+class EngineStatus:
+    name: str
+    ready: bool
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """An inference backend. `name` is a bounded metrics label."""
+
+    name: str
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources; may return before the engine is ready."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release resources and cancel work in flight."""
+
+    @abc.abstractmethod
+    def is_ready(self) -> bool:
+        """Whether a request sent now is expected to be served."""
+
+    @abc.abstractmethod
+    def status(self) -> EngineStatus: ...
+
+    def queue_depth(self) -> int:
+        return 0
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Yield TextDelta events, then exactly one Usage.
+
+        Raises `EngineUnavailable` before the first event when the request can go to
+        another engine; any error after the first event is final for this request.
+        Closing the iterator early cancels the generation.
+        """

@@ -1,0 +1,283 @@
+"""Embedded llama.cpp engine (CPU) on llama-cpp-python.
+
+A `Llama` is not thread-safe, so each instance is owned by one worker thread that
+takes jobs from a shared queue. The asyncio side bounds that queue (429 past it) and
+receives events through `call_soon_threadsafe`. Closing the event iterator (client
+gone, timeout) sets the job's cancel flag, which the worker checks between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from serving.engines.base import (
+    Engine,
+    EngineStatus,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
+from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
+from serving.prompting import ChatTemplate, ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed.
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Any]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a possible prefix."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Worker:
+    """One Llama and the thread that owns it."""
+
+    def __init__(self, index: int, llama: Any, template: ChatTemplate, jobs: "queue.Queue[Any]") -> None:
+        self.index = index
+        self.llama = llama
+        self.template = template
+        self.jobs = jobs
+        self.thread = threading.Thread(target=self._run, name=f"llamacpp-{index}", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                job.emit(_DONE)
+                continue
+            try:
+                self._generate(job)
+            except ApiError as exc:
+                job.emit(exc)
+            except Exception as exc:  # reported to the waiting request, worker lives on
+                log.exception("llama.cpp generation failed for %s", job.request.request_id)
+                job.emit(EngineFailed(f"llama.cpp failed: {type(exc).__name__}: {exc}"))
+            finally:
+                job.emit(_DONE)
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.kind == "chat":
+            try:
+                text = self.template.render(request.messages)
+            except ChatTemplateError as exc:
+                raise InvalidRequest(f"messages rejected by the chat template: {exc}", param="messages") from exc
+            # The template writes special tokens itself, exactly like vLLM's chat path.
+            return self.llama.tokenize(text.encode(), add_bos=False, special=True)
+        return self.llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
+
+    def _generate(self, job: _Job) -> None:
+        import llama_cpp
+
+        llama = self.llama
+        request = job.request
+        params = request.params
+        tokens = self.prompt_tokens(request)
+        n_ctx = llama.n_ctx()
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if len(tokens) >= n_ctx:
+            raise InvalidRequest(
+                f"This model's maximum context length is {n_ctx} tokens. However, your "
+                f"request has {len(tokens)} prompt tokens.",
+                param="messages" if request.kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        budget = n_ctx - len(tokens)
+        if params.max_tokens is not None and params.max_tokens > budget:
+            raise InvalidRequest(
+                f"This model's maximum context length is {n_ctx} tokens. However, you "
+                f"requested {len(tokens) + params.max_tokens} tokens ({len(tokens)} in the "
+                f"prompt, {params.max_tokens} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        max_tokens = params.max_tokens or budget
+
+        llama.set_seed(_RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(params.stop)
+        completion = 0
+        finish = "length"
+        hit_stop = False
+        # Sampling chain matched to vLLM's defaults: no top-k, min-p or repeat penalty.
+        for token in llama.generate(
+            tokens,
+            top_k=0,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=1.0,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        ):
+            if job.cancelled.is_set():
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                finish = "stop"
+                break
+            completion += 1
+            text, hit = stops.feed(decoder.decode(llama.detokenize([token], special=False)))
+            if text:
+                job.emit(TextDelta(text))
+            if hit:
+                finish, hit_stop = "stop", True
+                break
+            if completion >= max_tokens:
+                break
+        if finish != "cancelled":
+            tail = "" if hit_stop else stops.flush() + decoder.decode(b"", final=True)
+            job.emit(TextDelta(tail, finish_reason=finish, tokens=0))
+            job.emit(Usage(prompt_tokens=len(tokens), completion_tokens=completion))
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        gguf_path: Path,
+        n_ctx: int,
+        workers: int = 1,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        queue_size: int = 64,
+        template: ChatTemplate | None = None,
+    ) -> None:
+        self.gguf_path = gguf_path
+        self.n_ctx = n_ctx
+        self.n_workers = workers
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 1) // workers)
+        self.n_batch = n_batch
+        self.queue_size = queue_size
+        self.template = template
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._workers: list[_Worker] = []
+        self._in_engine = 0
+        self._error: str = ""
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        return Llama(
+            model_path=str(self.gguf_path),
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_batch=self.n_batch,
+            verbose=False,
+        )
+
+    async def start(self) -> None:
+        if not self.gguf_path.is_file():
+            self._error = f"GGUF file not found: {self.gguf_path}"
+            raise FileNotFoundError(self._error)
+        for index in range(self.n_workers):
+            llama = await asyncio.to_thread(self._load)
+            if self.template is None:
+                tokens = [llama.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llama.n_vocab())]
+                self.template = ChatTemplate.from_gguf_metadata(llama.metadata, tokens)
+            worker = _Worker(index, llama, self.template, self._jobs)
+            worker.thread.start()
+            self._workers.append(worker)
+        log.info("llama.cpp ready: %s, %d worker(s) x %d threads", self.gguf_path, self.n_workers, self.n_threads)
+
+    async def stop(self) -> None:
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            await asyncio.to_thread(worker.thread.join, 30)
+        self._workers.clear()
+
+    def is_ready(self) -> bool:
+        return bool(self._workers)
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            self.name,
+            self.is_ready(),
+            self._error,
+            {"workers": len(self._workers), "queue_depth": self.queue_depth()},
+        )
+
+    def queue_depth(self) -> int:
+        return max(0, self._in_engine - len(self._workers))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not self._workers:
+            raise EngineFailed("the llama.cpp engine is not running")
+        # _in_engine counts queued and running jobs; each worker runs one at a time.
+        if self._in_engine >= self.queue_size + len(self._workers):
+            raise QueueFull(
+                f"The llama.cpp engine has {self.queue_depth()} requests queued; retry shortly.",
+                retry_after_s=1,
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop, asyncio.Queue())
+        self._in_engine += 1
+        self._jobs.put(job)
+        done = False
+        try:
+            while True:
+                item = await job.events.get()
+                if item is _DONE:
+                    done = True
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._in_engine -= 1
+            if not done:
+                job.cancelled.set()

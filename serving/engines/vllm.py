@@ -1,0 +1,232 @@
+"""vLLM engine: an HTTP client to a vLLM OpenAI server.
+
+Always streams from vLLM (with include_usage), so TTFT, inter-token latency and
+token counts are measured the same way for streamed and non-streamed clients.
+Failures before the first text raise `EngineUnavailable` (the router retries on the
+next engine); after it, `EngineFailed` ends the client's stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator
+
+import httpx
+
+from serving.engines.base import (
+    Engine,
+    EngineStatus,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
+from serving.engines.vllm_launcher import VLLMLauncher
+from serving.errors import EngineFailed, EngineUnavailable, InvalidRequest
+from serving.resilience import CircuitBreaker
+from tuneserve.config import VLLMConfig
+
+log = logging.getLogger(__name__)
+
+
+def request_body(request: GenerationRequest, model: str) -> dict[str, Any]:
+    p = request.params
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+    }
+    if p.max_tokens is not None:
+        body["max_tokens"] = p.max_tokens
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if request.kind == "chat":
+        body["messages"] = list(request.messages)
+    else:
+        body["prompt"] = request.prompt
+    return body
+
+
+def _error_message(payload: bytes) -> tuple[str, str | None]:
+    try:
+        error = json.loads(payload).get("error", {})
+        if isinstance(error, dict):
+            return str(error.get("message") or payload[:500]), error.get("param")
+        return str(error), None
+    except (ValueError, AttributeError):
+        return payload[:500].decode("utf-8", "replace"), None
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, config: VLLMConfig, model: str, launcher: VLLMLauncher | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.launcher = launcher
+        self.breaker = CircuitBreaker(config.breaker.failure_threshold, config.breaker.reset_timeout_s)
+        self._client: httpx.AsyncClient | None = None
+        self._up = False
+        self._detail = "not probed yet"
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.config.url,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=self.config.connect_timeout_s,
+                read=self.config.first_byte_timeout_s,
+                write=self.config.first_byte_timeout_s,
+                pool=self.config.first_byte_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=self.config.max_connections,
+                max_keepalive_connections=self.config.max_connections,
+            ),
+        )
+        if self.launcher is not None:
+            self.launcher.set_health_check(lambda: self._up)
+            await self.launcher.start()
+        await self.probe()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="vllm-health")
+
+    async def stop(self) -> None:
+        if self._probe_task:
+            self._probe_task.cancel()
+        if self._client:
+            await self._client.aclose()
+        if self.launcher is not None:
+            await self.launcher.stop()
+
+    async def probe(self) -> bool:
+        assert self._client is not None
+        try:
+            response = await self._client.get("/health", timeout=self.config.connect_timeout_s + 1)
+            healthy = response.status_code == 200
+            self._detail = "" if healthy else f"/health answered {response.status_code}"
+        except httpx.HTTPError as exc:
+            healthy = False
+            self._detail = f"/health failed: {type(exc).__name__}"
+        if healthy and not self._up:
+            log.info("vLLM at %s is up", self.config.url)
+            # A healthy server gets traffic back at once instead of after the reset timeout.
+            self.breaker.record_success()
+        elif not healthy and self._up:
+            log.warning("vLLM at %s is down: %s", self.config.url, self._detail)
+        self._up = healthy
+        return healthy
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.probe()
+            except Exception:  # a probe bug must not kill the loop
+                log.exception("vLLM health probe failed")
+
+    def is_ready(self) -> bool:
+        return self._up and self.breaker.state != "open"
+
+    def status(self) -> EngineStatus:
+        extra: dict[str, Any] = {"url": self.config.url, "circuit": self.breaker.state}
+        if self.launcher is not None:
+            extra.update(self.launcher.describe())
+        return EngineStatus(self.name, self.is_ready(), self._detail, extra)
+
+    def mark_down(self, detail: str) -> None:
+        self._up = False
+        self._detail = detail
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not self._up:
+            raise EngineUnavailable("unhealthy", self._detail)
+        if not self.breaker.allow_request():
+            raise EngineUnavailable("circuit_open")
+        started = False
+        try:
+            async for event in self._stream(request):
+                if not started:
+                    started = True
+                    self.breaker.record_success()
+                yield event
+        except (EngineUnavailable, EngineFailed):
+            self.breaker.record_failure()
+            raise
+        except InvalidRequest:
+            self.breaker.record_success()  # vLLM answered; the request was at fault
+            raise
+        finally:
+            self.breaker.release_trial()
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        assert self._client is not None
+        path = "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
+        try:
+            response = await self._client.send(
+                self._client.build_request("POST", path, json=request_body(request, self.model)),
+                stream=True,
+            )
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable("timeout", type(exc).__name__) from exc
+        except httpx.TransportError as exc:
+            # Probes lag behind a dead server; stop routing to it right away.
+            self.mark_down(f"{type(exc).__name__} on {path}")
+            raise EngineUnavailable("connect_error", type(exc).__name__) from exc
+        try:
+            async for event in self._events(response, request.kind):
+                yield event
+        finally:
+            await response.aclose()
+
+    async def _events(self, response: httpx.Response, kind: str) -> AsyncIterator[GenerationEvent]:
+        if response.status_code >= 500:
+            body = await response.aread()
+            raise EngineUnavailable("upstream_5xx", f"{response.status_code}: {body[:200]!r}")
+        if response.status_code >= 400:
+            message, param = _error_message(await response.aread())
+            # vLLM validated the request and refused it: the client must fix it.
+            raise InvalidRequest(message, param=param)
+        started = False
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    message, _ = _error_message(data.encode())
+                    raise EngineFailed(f"vLLM error: {message}")
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                    if text:
+                        started = True
+                        yield TextDelta(text)
+        except (httpx.TransportError, httpx.TimeoutException, json.JSONDecodeError) as exc:
+            if not started:
+                raise EngineUnavailable("connect_error", f"stream broke: {type(exc).__name__}") from exc
+            raise EngineFailed(f"vLLM stream broke: {type(exc).__name__}") from exc
+        if usage is None:
+            if not started:
+                raise EngineUnavailable("upstream_5xx", "stream ended without usage")
+            raise EngineFailed("vLLM stream ended early")
+        yield TextDelta("", finish_reason=finish_reason or "stop", tokens=0)
+        yield usage

@@ -1,0 +1,153 @@
+"""Start and supervise a vLLM OpenAI server process (engines.vllm.launch).
+
+The process is restarted when it exits or stays unhealthy past the start-up
+timeout. Readiness is the vLLM engine's health probe; the launcher only keeps a
+process alive. The child gets SIGTERM if the gateway dies, so no vLLM is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tuneserve.config import VLLMLaunchConfig
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the gateway's stop() still terminates the child
+
+
+def vllm_command(
+    config: VLLMLaunchConfig, model_path: Path, served_name: str, max_model_len: int
+) -> list[str]:
+    return [
+        config.python or sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(config.port),
+        "--max-model-len",
+        str(max_model_len),
+        "--gpu-memory-utilization",
+        str(config.gpu_memory_utilization),
+        # Sampling defaults come from the request, as on llama.cpp, not generation_config.json.
+        "--generation-config",
+        "vllm",
+        "--disable-log-stats",
+        *config.extra_args,
+    ]
+
+
+def vllm_env(config: VLLMLaunchConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+    env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class VLLMLauncher:
+    def __init__(
+        self,
+        config: VLLMLaunchConfig,
+        model_path: Path,
+        served_name: str,
+        max_model_len: int,
+        log_file: Path,
+    ) -> None:
+        self.config = config
+        self.command = vllm_command(config, model_path, served_name, max_model_len)
+        self.log_file = log_file
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._healthy: Callable[[], bool] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "launched": True,
+            "pid": self.process.pid if self.process else None,
+            "restarts": self.restarts,
+            "log": str(self.log_file),
+        }
+
+    def set_health_check(self, healthy: Callable[[], bool]) -> None:
+        self._healthy = healthy
+
+    async def start(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
+
+    async def _spawn(self) -> None:
+        log.info("starting vLLM: %s (log: %s)", " ".join(self.command), self.log_file)
+        with open(self.log_file, "ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                env=vllm_env(self.config),
+                preexec_fn=_die_with_parent,
+            )
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self.process is not None
+            last_healthy = time.monotonic()
+            exited = asyncio.create_task(self.process.wait())
+            while not exited.done():
+                await asyncio.wait({exited}, timeout=2.0)
+                if exited.done() or self._healthy is None:
+                    continue
+                if self._healthy():
+                    last_healthy = time.monotonic()
+                elif time.monotonic() - last_healthy > self.config.startup_timeout_s:
+                    # Covers both a start that never finishes and a server that hung.
+                    log.error("vLLM unhealthy for %.0fs; restarting", self.config.startup_timeout_s)
+                    await self._terminate()
+            if self._stopping:
+                return
+            log.warning("vLLM exited with code %s; restarting", self.process.returncode)
+            self.restarts += 1
+            await asyncio.sleep(self.config.restart_backoff_s)
+            if not self._stopping:
+                await self._spawn()
+
+    async def _terminate(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=20)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._terminate()
+        if self._task:
+            self._task.cancel()

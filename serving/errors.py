@@ -1,0 +1,116 @@
+"""Typed serving errors. The API edge turns each into the OpenAI error shape.
+
+`ApiError` subclasses carry what the client sees. `EngineUnavailable` is internal:
+the router catches it before the first byte and tries the next engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneserve.errors import TuneserveError
+
+
+class ApiError(TuneserveError):
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ApiError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class NotFound(ApiError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFull(ApiError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NoEngineAvailable(ApiError):
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineFailed(ApiError):
+    """An engine broke after it had accepted the request."""
+
+    status_code = 502
+    error_type = "server_error"
+    code = "engine_error"
+
+
+class EngineUnavailable(Exception):
+    """The engine could not start this request; safe to retry on another engine.
+
+    `reason` is a bounded label for metrics: connect_error, timeout, upstream_5xx,
+    circuit_open, not_ready.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class RequestTimeout(ApiError):
+    status_code = 504
+    error_type = "timeout"
+    code = "timeout"

@@ -1,0 +1,1 @@
+"""QLoRA fine-tuning of per-tenant adapters (see issue: Training)."""

@@ -1,0 +1,63 @@
+"""`tuneserve <command>`: one entry point; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from tuneserve import __version__
+from tuneserve.cli import models_cmd, serve_cmd
+from tuneserve.errors import TuneserveError
+
+# Commands whose issues are still open register here so `--help` shows the whole
+# tool; each says plainly that it is not available yet instead of pretending.
+PLANNED = {
+    "train": "fine-tune a QLoRA adapter from chat data",
+    "eval": "evaluate a base model and adapters",
+    "merge": "run a mergekit merge job",
+    "export": "export a model or adapter to GGUF",
+    "jobs": "list, show and cancel merge/export jobs",
+    "tenants": "manage tenants and their API keys",
+    "adapters": "manage tenants' LoRA adapters",
+}
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"tuneserve {name}: not available in this version yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tuneserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve_cmd.register(sub)
+    models_cmd.register(sub)
+    for name, summary in PLANNED.items():
+        planned = sub.add_parser(name, help=f"{summary} (not available yet)")
+        planned.set_defaults(handler=_planned(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except TuneserveError as exc:
+        print(f"tuneserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Command-line flags generated from the Settings model, so `--help` covers every key."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic_core import PydanticUndefined
+
+from tuneserve.config import Settings, env_name, iter_fields, load_settings, parse_scalar
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file (env: TUNESERVE_CONFIG). Flags override env, env overrides the file.",
+    )
+    group = parser.add_argument_group(
+        "settings", "every key of the YAML file, as --dotted.key VALUE (values parse as YAML)"
+    )
+    for key, info in iter_fields():
+        default = info.default
+        if default is PydanticUndefined and info.default_factory is not None:
+            default = info.default_factory()
+        type_name = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        group.add_argument(
+            f"--{key}",
+            dest=key,
+            metavar=type_name.upper() if type_name else "VALUE",
+            type=parse_scalar,
+            default=argparse.SUPPRESS,
+            help=f"{info.description or ''} [default: {default!r}; env: {env_name(key)}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    keys = {key for key, _ in iter_fields()}
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in keys}
+    return load_settings(getattr(args, "config", None), overrides)

@@ -1,0 +1,282 @@
+"""tuneserve configuration: one YAML file, ``TUNESERVE_*`` env overrides, CLI flags.
+
+Precedence (lowest first): model defaults < YAML file < environment < CLI flags.
+Environment keys nest with a double underscore: ``TUNESERVE_ENGINES__VLLM__URL``
+sets ``engines.vllm.url``. Values from env and flags are parsed as YAML scalars,
+so ``true``, ``8000`` and ``[a, b]`` get their natural types before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneserve.errors import ConfigError
+
+ENV_PREFIX = "TUNESERVE_"
+ENV_CONFIG_FILE = "TUNESERVE_CONFIG"
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted; bigger bodies get 413."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Upper bound on one request's total generation time."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        DEFAULT_MODEL_ID,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        description="Model id clients send in `model` and see in /v1/models.",
+    )
+    hf_path: Path | None = Field(
+        None,
+        description="HF model dir (vLLM, training, chat template). "
+        "Default: <data_dir>/models/<name>/hf.",
+    )
+    gguf_path: Path | None = Field(
+        None,
+        description="GGUF file for llama.cpp. Default: <data_dir>/models/<name>/model.gguf.",
+    )
+    max_model_len: int = Field(
+        2048, ge=64, description="Context length (prompt + completion) on every engine."
+    )
+
+
+class LlamaCppConfig(_Section):
+    enabled: bool = Field(True, description="Serve with the embedded llama.cpp engine (CPU).")
+    workers: int = Field(
+        1, ge=1, le=64, description="Number of llama.cpp model instances, one thread each."
+    )
+    n_threads: int | None = Field(
+        None, ge=1, description="CPU threads per instance. Default: all cores / workers."
+    )
+    n_batch: int = Field(512, ge=8, description="Prompt-processing batch size.")
+    queue_size: int = Field(
+        64, ge=1, description="Requests waiting for a worker; beyond this clients get 429."
+    )
+
+
+class CircuitBreakerConfig(_Section):
+    failure_threshold: int = Field(
+        3, ge=1, description="Consecutive failures that open the circuit."
+    )
+    reset_timeout_s: float = Field(
+        5.0, gt=0, description="Time an open circuit waits before letting a trial request through."
+    )
+
+
+class VLLMLaunchConfig(_Section):
+    enabled: bool = Field(
+        False, description="Start and supervise a vLLM server process (else connect to `url`)."
+    )
+    port: int = Field(8100, ge=1, le=65535, description="Port of the launched vLLM server.")
+    python: str | None = Field(
+        None, description="Python interpreter with vLLM installed. Default: the gateway's own."
+    )
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for CPU builds (GiB)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="vLLM --gpu-memory-utilization (on CPU builds: fraction of RAM).",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments for vLLM."
+    )
+    startup_timeout_s: float = Field(
+        300.0, gt=0, description="How long to wait for a launched vLLM to become healthy."
+    )
+    restart_backoff_s: float = Field(
+        2.0, ge=0, description="Pause before restarting a vLLM process that exited."
+    )
+
+
+class VLLMConfig(_Section):
+    enabled: bool = Field(False, description="Route to a vLLM server first (primary engine).")
+    url: str = Field(
+        "http://127.0.0.1:8100",
+        pattern=r"^https?://",
+        description="Base URL of the vLLM OpenAI server (without /v1).",
+    )
+    api_key: str | None = Field(None, description="Bearer key for the vLLM server, if it has one.")
+    served_model_name: str | None = Field(
+        None, description="Model name vLLM serves. Default: model.name."
+    )
+    connect_timeout_s: float = Field(2.0, gt=0, description="TCP connect timeout to vLLM.")
+    first_byte_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time to wait for vLLM's first byte before falling back to llama.cpp.",
+    )
+    health_interval_s: float = Field(2.0, gt=0, description="Seconds between vLLM health probes.")
+    max_connections: int = Field(256, ge=1, description="HTTP connection pool size to vLLM.")
+    breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    launch: VLLMLaunchConfig = Field(default_factory=VLLMLaunchConfig)
+
+
+class EnginesConfig(_Section):
+    llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "EnginesConfig":
+        if not (self.llamacpp.enabled or self.vllm.enabled):
+            raise ValueError("enable at least one engine (engines.llamacpp or engines.vllm)")
+        return self
+
+
+class Settings(_Section):
+    data_dir: Path = Field(
+        Path("data"), description="Where prepared models, adapters and state live."
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+
+    # Paths derived from data_dir keep one place to change the layout.
+    def model_dir(self) -> Path:
+        return self.data_dir / "models" / self.model.name.replace("/", "--")
+
+    def resolved_hf_path(self) -> Path:
+        return self.model.hf_path or self.model_dir() / "hf"
+
+    def resolved_gguf_path(self) -> Path:
+        return self.model.gguf_path or self.model_dir() / "model.gguf"
+
+    def vllm_model_name(self) -> str:
+        return self.engines.vllm.served_model_name or self.model.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def iter_fields(
+    model: type[BaseModel] = Settings, prefix: str = ""
+) -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, FieldInfo) for every leaf option, in declaration order."""
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, key + ".")
+        else:
+            yield key, info
+
+
+def env_name(dotted_key: str) -> str:
+    return ENV_PREFIX + dotted_key.replace(".", "__").upper()
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{part}' must be a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_scalar(raw: str) -> Any:
+    """Env and flag values are YAML scalars; fall back to the raw string."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = {env_name(key): key for key, _ in iter_fields()}
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        key = known.get(name)
+        if key is None:
+            raise ConfigError(
+                f"unknown environment variable {name}: no config key "
+                f"'{name[len(ENV_PREFIX):].lower().replace('__', '.')}'"
+            )
+        _set_dotted(tree, key, parse_scalar(raw))
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: key '{key}': {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build validated Settings; raise ConfigError naming each bad key."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(ENV_CONFIG_FILE):
+        config_file = environ[ENV_CONFIG_FILE]
+    tree: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
+    tree = _deep_merge(tree, _env_overrides(environ))
+    flag_tree: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(flag_tree, key, value)
+    tree = _deep_merge(tree, flag_tree)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(config_file or "config"))) from exc

@@ -1,0 +1,1 @@
+"""Base models: preparing the default one and describing what is served."""
