@@ -100,8 +100,15 @@ class VLLMLaunchConfig(_Section):
         le=1,
         description="vLLM --gpu-memory-utilization (on CPU builds: fraction of RAM).",
     )
+    dtype: str = Field(
+        "auto",
+        description="vLLM --dtype. Use float32 for the tiny default model on CPU: "
+        "vLLM downcasts it to bf16, where its greedy answers degrade.",
+    )
     extra_args: list[str] = Field(
-        default_factory=list, description="Extra command-line arguments for vLLM."
+        default_factory=list,
+        description="Extra vLLM arguments, e.g. [--enforce-eager] to skip the minutes-long "
+        "torch.compile warm-up on CPU.",
     )
     startup_timeout_s: float = Field(
         300.0, gt=0, description="How long to wait for a launched vLLM to become healthy."

@@ -39,7 +39,9 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     if error["type"] == "missing":
         return f"Missing required parameter: '{param}'.", param or ""
     message = error["msg"].removeprefix("Value error, ")
-    return f"Invalid value for '{param}': {message}", param or ""
+    if param is None:
+        return f"Invalid request: {message}", ""
+    return f"Invalid value for '{param}': {message}", param
 
 
 def parse_body(raw: bytes, model: type[Body]) -> Body:

@@ -79,6 +79,18 @@ class StopMatcher:
         return out
 
 
+def prompt_tokens(llama: Any, template: ChatTemplate, request: GenerationRequest) -> list[int]:
+    """Token ids of a request's prompt, as vLLM would compute them for the same request."""
+    if request.kind == "chat":
+        try:
+            text = template.render(request.messages)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(f"messages rejected by the chat template: {exc}", param="messages") from exc
+        # The template writes special tokens itself; vLLM's chat path adds none either.
+        return llama.tokenize(text.encode(), add_bos=False, special=True)
+    return llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
+
+
 class _Worker:
     """One Llama and the thread that owns it."""
 
@@ -107,23 +119,13 @@ class _Worker:
             finally:
                 job.emit(_DONE)
 
-    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.kind == "chat":
-            try:
-                text = self.template.render(request.messages)
-            except ChatTemplateError as exc:
-                raise InvalidRequest(f"messages rejected by the chat template: {exc}", param="messages") from exc
-            # The template writes special tokens itself, exactly like vLLM's chat path.
-            return self.llama.tokenize(text.encode(), add_bos=False, special=True)
-        return self.llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
-
     def _generate(self, job: _Job) -> None:
         import llama_cpp
 
         llama = self.llama
         request = job.request
         params = request.params
-        tokens = self.prompt_tokens(request)
+        tokens = prompt_tokens(llama, self.template, request)
         n_ctx = llama.n_ctx()
         if not tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")

@@ -50,6 +50,8 @@ def vllm_command(
         str(max_model_len),
         "--gpu-memory-utilization",
         str(config.gpu_memory_utilization),
+        "--dtype",
+        config.dtype,
         # Sampling defaults come from the request, as on llama.cpp, not generation_config.json.
         "--generation-config",
         "vllm",

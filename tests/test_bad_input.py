@@ -1,0 +1,122 @@
+"""Client mistakes get a 4xx in OpenAI's error shape, never a 5xx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import MODEL
+from tests.servers import ServerProcess
+
+CHAT = "/v1/chat/completions"
+GOOD: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def post(server: ServerProcess, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(server.base_url + path, timeout=60, **kwargs)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_malformed_json(llama_gateway: ServerProcess) -> None:
+    r = post(llama_gateway, CHAT, content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400)
+    assert "JSON" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_body_must_be_an_object(llama_gateway: ServerProcess) -> None:
+    assert_openai_error(post(llama_gateway, CHAT, json=[1, 2]), 400)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stream": "yes"}, "stream"),
+        ({"seed": "abc"}, "seed"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": 7}, "model"),
+    ],
+)
+def test_bad_parameters_get_400(llama_gateway: ServerProcess, change: dict[str, Any], param: str) -> None:
+    error = assert_openai_error(post(llama_gateway, CHAT, json={**GOOD, **change}), 400)
+    assert error["param"] == param, error
+
+
+def test_missing_model_and_messages(llama_gateway: ServerProcess) -> None:
+    error = assert_openai_error(post(llama_gateway, CHAT, json={"messages": GOOD["messages"]}), 400, "model")
+    assert "Missing required parameter" in error["message"]
+    assert_openai_error(post(llama_gateway, CHAT, json={"model": MODEL}), 400, "messages")
+
+
+def test_unknown_model_is_404(llama_gateway: ServerProcess) -> None:
+    error = assert_openai_error(post(llama_gateway, CHAT, json={**GOOD, "model": "gpt-9"}), 404, "model")
+    assert error["code"] == "model_not_found"
+
+
+def test_oversized_body_is_413(llama_gateway: ServerProcess) -> None:
+    huge = {**GOOD, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    assert_openai_error(post(llama_gateway, CHAT, json=huge), 413)
+
+
+def test_oversized_chunked_body_is_413(llama_gateway: ServerProcess) -> None:
+    def body() -> Any:
+        for _ in range(300):
+            yield b"x" * 10_000
+
+    assert_openai_error(post(llama_gateway, CHAT, content=body()), 413)
+
+
+def test_prompt_longer_than_context_is_400(llama_gateway: ServerProcess) -> None:
+    long_text = "hello " * 3000
+    error = assert_openai_error(post(llama_gateway, CHAT, json={**GOOD, "messages": [{"role": "user", "content": long_text}]}), 400)
+    assert error["code"] == "context_length_exceeded"
+    error = assert_openai_error(post(llama_gateway, CHAT, json={**GOOD, "max_tokens": 100_000}), 400, "max_tokens")
+
+
+def test_template_refusal_is_400(llama_gateway: ServerProcess) -> None:
+    # Completions validate too: empty prompt, several prompts, echo.
+    for change in ({"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "x", "echo": True}):
+        body = {"model": MODEL, "max_tokens": 2, **change}
+        assert_openai_error(post(llama_gateway, "/v1/completions", json=body), 400, "prompt" if "echo" not in change else "echo")
+
+
+def test_unknown_route_and_method(llama_gateway: ServerProcess) -> None:
+    assert_openai_error(httpx.get(llama_gateway.base_url + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(llama_gateway.base_url + CHAT), 405)
+
+
+def test_openai_client_raises_typed_errors(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=GOOD["messages"])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert info.value.body["param"] == "messages"
