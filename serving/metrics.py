@@ -119,6 +119,7 @@ class RequestTimer:
         self.backend = NO_BACKEND
         self.start = time.perf_counter()
         self._last_token_at: float | None = None
+        self.tokens_seen = 0
         self._finished = False
         metrics.in_flight.labels(NO_BACKEND).inc()
 
@@ -129,6 +130,7 @@ class RequestTimer:
 
     def on_tokens(self, count: int) -> None:
         now = time.perf_counter()
+        self.tokens_seen += count
         if self._last_token_at is None:
             self.metrics.ttft.labels(self.backend, self.model).observe(now - self.start)
         elif count > 0:
@@ -137,9 +139,12 @@ class RequestTimer:
                 self.metrics.itl.labels(self.backend, self.model).observe(gap)
         self._last_token_at = now
 
-    def finish(self, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def finish(self, status: int, prompt_tokens: int = 0, completion_tokens: int | None = None) -> None:
+        """Record the request; without usage (cancelled, failed) count the tokens streamed."""
         if self._finished:
             return
+        if completion_tokens is None:
+            completion_tokens = self.tokens_seen
         self._finished = True
         m = self.metrics
         m.in_flight.labels(self.backend).dec()

@@ -123,7 +123,7 @@ class VLLMConfig(_Section):
     url: str = Field(
         "http://127.0.0.1:8100",
         pattern=r"^https?://",
-        description="Base URL of the vLLM OpenAI server (without /v1).",
+        description="Base URL of the vLLM OpenAI server (without /v1); ignored when launch.enabled.",
     )
     api_key: str | None = Field(None, description="Bearer key for the vLLM server, if it has one.")
     served_model_name: str | None = Field(
@@ -169,6 +169,11 @@ class Settings(_Section):
 
     def resolved_gguf_path(self) -> Path:
         return self.model.gguf_path or self.model_dir() / "model.gguf"
+
+    def vllm_url(self) -> str:
+        """A launched vLLM listens locally on launch.port; otherwise engines.vllm.url."""
+        vllm = self.engines.vllm
+        return f"http://127.0.0.1:{vllm.launch.port}" if vllm.launch.enabled else vllm.url
 
     def vllm_model_name(self) -> str:
         return self.engines.vllm.served_model_name or self.model.name

@@ -44,7 +44,7 @@ def build_engines(settings: Settings) -> list[Engine]:
                 settings.model.max_model_len,
                 settings.data_dir / "logs" / "vllm.log",
             )
-        engines.append(VLLMEngine(cfg, settings.vllm_model_name(), launcher))
+        engines.append(VLLMEngine(cfg, settings.vllm_url(), settings.vllm_model_name(), launcher))
     if settings.engines.llamacpp.enabled:
         cfg_l = settings.engines.llamacpp
         # The HF tokenizer's template is what vLLM renders with; prefer it for parity.

@@ -136,7 +136,7 @@ class GenerationService:
         include_usage: bool,
         deadline: float,
     ) -> AsyncIterator[bytes]:
-        status, usage, finish = 200, Usage(0, 0), "stop"
+        status, usage, finish = 200, None, "stop"
         try:
             if formatter.kind == "chat":
                 yield formatter.chunk("", first=True)
@@ -150,7 +150,7 @@ class GenerationService:
                     else:
                         usage = event
             yield formatter.chunk("", finish_reason=finish)
-            if include_usage:
+            if include_usage and usage is not None:
                 yield formatter.usage_chunk(usage)
             yield SSE_DONE
         except TimeoutError:
@@ -169,7 +169,10 @@ class GenerationService:
             raise
         finally:
             await routed.aclose()
-            timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+            if usage is None:
+                timer.finish(status)
+            else:
+                timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
 
 
 def _loop_time(deadline: float) -> float:

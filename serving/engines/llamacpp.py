@@ -96,6 +96,7 @@ class _Worker:
 
     def __init__(self, index: int, llama: Any, template: ChatTemplate, jobs: "queue.Queue[Any]") -> None:
         self.index = index
+        self.busy = False
         self.llama = llama
         self.template = template
         self.jobs = jobs
@@ -109,6 +110,7 @@ class _Worker:
             if job.cancelled.is_set():
                 job.emit(_DONE)
                 continue
+            self.busy = True
             try:
                 self._generate(job)
             except ApiError as exc:
@@ -117,6 +119,7 @@ class _Worker:
                 log.exception("llama.cpp generation failed for %s", job.request.request_id)
                 job.emit(EngineFailed(f"llama.cpp failed: {type(exc).__name__}: {exc}"))
             finally:
+                self.busy = False
                 job.emit(_DONE)
 
     def _generate(self, job: _Job) -> None:
@@ -250,7 +253,11 @@ class LlamaCppEngine(Engine):
             self.name,
             self.is_ready(),
             self._error,
-            {"workers": len(self._workers), "queue_depth": self.queue_depth()},
+            {
+                "workers": len(self._workers),
+                "busy_workers": sum(w.busy for w in self._workers),
+                "queue_depth": self.queue_depth(),
+            },
         )
 
     def queue_depth(self) -> int:

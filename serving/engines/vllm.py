@@ -68,8 +68,9 @@ def _error_message(payload: bytes) -> tuple[str, str | None]:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, config: VLLMConfig, model: str, launcher: VLLMLauncher | None = None) -> None:
+    def __init__(self, config: VLLMConfig, url: str, model: str, launcher: VLLMLauncher | None = None) -> None:
         self.config = config
+        self.url = url
         self.model = model
         self.launcher = launcher
         self.breaker = CircuitBreaker(config.breaker.failure_threshold, config.breaker.reset_timeout_s)
@@ -81,7 +82,7 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         self._client = httpx.AsyncClient(
-            base_url=self.config.url,
+            base_url=self.url,
             headers=headers,
             timeout=httpx.Timeout(
                 connect=self.config.connect_timeout_s,
@@ -118,11 +119,11 @@ class VLLMEngine(Engine):
             healthy = False
             self._detail = f"/health failed: {type(exc).__name__}"
         if healthy and not self._up:
-            log.info("vLLM at %s is up", self.config.url)
+            log.info("vLLM at %s is up", self.url)
             # A healthy server gets traffic back at once instead of after the reset timeout.
             self.breaker.record_success()
         elif not healthy and self._up:
-            log.warning("vLLM at %s is down: %s", self.config.url, self._detail)
+            log.warning("vLLM at %s is down: %s", self.url, self._detail)
         self._up = healthy
         return healthy
 
@@ -138,7 +139,7 @@ class VLLMEngine(Engine):
         return self._up and self.breaker.state != "open"
 
     def status(self) -> EngineStatus:
-        extra: dict[str, Any] = {"url": self.config.url, "circuit": self.breaker.state}
+        extra: dict[str, Any] = {"url": self.url, "circuit": self.breaker.state}
         if self.launcher is not None:
             extra.update(self.launcher.describe())
         return EngineStatus(self.name, self.is_ready(), self._detail, extra)

@@ -24,11 +24,20 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _own_group_dying_with_parent() -> None:
+    # Own process group, so stop() reaches vLLM's engine and worker children too.
+    os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass  # not Linux: the gateway's stop() still terminates the child
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def vllm_command(
@@ -111,7 +120,7 @@ class VLLMLauncher:
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=vllm_env(self.config),
-                preexec_fn=_die_with_parent,
+                preexec_fn=_own_group_dying_with_parent,
             )
 
     async def _supervise(self) -> None:
@@ -141,11 +150,11 @@ class VLLMLauncher:
         process = self.process
         if process is None or process.returncode is not None:
             return
-        process.terminate()
+        _signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), timeout=20)
         except asyncio.TimeoutError:
-            process.kill()
+            _signal_group(process.pid, signal.SIGKILL)
             await process.wait()
 
     async def stop(self) -> None:

@@ -1,0 +1,100 @@
+"""llama.cpp engine behaviour through the gateway: cancellation, queue limits, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL
+from tests.metrics_util import scrape, value
+from tests.servers import ServerProcess, gateway
+
+LONG = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
+
+
+def llama_status(server: ServerProcess) -> dict:
+    return httpx.get(server.base_url + "/ready", timeout=10).json()["engines"]["llamacpp"]["extra"]
+
+
+def test_client_disconnect_cancels_generation(llama_gateway: ServerProcess) -> None:
+    before = scrape(llama_gateway.base_url)
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 1800, "temperature": 0, "stream": True}
+    with httpx.stream("POST", llama_gateway.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert llama_status(llama_gateway)["busy_workers"] == 1
+    # Closing the connection must free the worker long before 1800 tokens are done.
+    deadline = time.monotonic() + 5
+    while llama_status(llama_gateway)["busy_workers"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llama_status(llama_gateway)["busy_workers"] == 0
+    after = scrape(llama_gateway.base_url)
+    assert value(after, "tuneserve_requests_total", status="499") == value(before, "tuneserve_requests_total", status="499") + 1
+    generated = value(after, "tuneserve_completion_tokens_total") - value(before, "tuneserve_completion_tokens_total")
+    assert 0 < generated < 1800
+
+
+def test_non_streamed_disconnect_cancels_too(llama_gateway: ServerProcess) -> None:
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 1800, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(llama_gateway.base_url + "/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 5
+    while llama_status(llama_gateway)["busy_workers"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llama_status(llama_gateway)["busy_workers"] == 0
+
+
+def test_full_queue_answers_429_with_retry_after() -> None:
+    server = gateway("gw-queue", {"engines.llamacpp.queue_size": 1}).start()
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 200, "temperature": 0}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(5)))
+
+    try:
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 429, 429, 429], codes
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert int(rejected.headers["retry-after"]) >= 1
+        assert rejected.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        server.stop()
+
+
+def test_metrics_cover_requests_latency_tokens(llama_gateway: ServerProcess) -> None:
+    before = scrape(llama_gateway.base_url)
+    r = httpx.post(
+        llama_gateway.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    httpx.post(llama_gateway.base_url + "/v1/chat/completions", json={"model": "nope", "messages": []}, timeout=10)
+    httpx.post(llama_gateway.base_url + "/v1/chat/completions", json={"model": "other-model", "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+    after = scrape(llama_gateway.base_url)
+
+    ok = dict(endpoint="chat", backend="llamacpp", model=MODEL, status="200")
+    assert value(after, "tuneserve_requests_total", **ok) == value(before, "tuneserve_requests_total", **ok) + 1
+    assert value(after, "tuneserve_requests_total", status="400", backend="none") >= 1
+    # Unknown model names do not create label values.
+    assert value(after, "tuneserve_requests_total", status="404", model="unknown") >= 1
+    assert not any(l.get("model") in {"nope", "other-model"} for l, _ in after["tuneserve_requests_total"])
+
+    labels = dict(backend="llamacpp", model=MODEL)
+    for histogram in ("tuneserve_time_to_first_token_seconds", "tuneserve_inter_token_latency_seconds"):
+        assert value(after, histogram + "_count", **labels) > value(before, histogram + "_count", **labels)
+    assert value(after, "tuneserve_request_duration_seconds_count", **labels) > value(before, "tuneserve_request_duration_seconds_count", **labels)
+    tokens = value(after, "tuneserve_completion_tokens_total", **labels) - value(before, "tuneserve_completion_tokens_total", **labels)
+    assert 0 < tokens <= 8
+    assert value(after, "tuneserve_prompt_tokens_total", **labels) > value(before, "tuneserve_prompt_tokens_total", **labels)
+    assert value(after, "tuneserve_backend_up", backend="llamacpp") == 1
+    assert ({"backend": "llamacpp"}, 0.0) in after["tuneserve_queue_depth"]
+    assert value(after, "tuneserve_requests_in_flight") == 0
+    buckets = [float(l["le"]) for l, _ in after["tuneserve_time_to_first_token_seconds_bucket"] if l["backend"] == "llamacpp" and l["le"] != "+Inf"]
+    assert min(buckets) <= 0.01 and max(buckets) >= 30
