@@ -46,28 +46,18 @@ class GenerationService:
         timer = RequestTimer(self.metrics, endpoint, None)
         try:
             raw = await read_body(http, self.max_body_bytes)
-            if kind == "chat":
-                chat = parse_body(raw, ChatCompletionRequest)
-                body: ChatCompletionRequest | CompletionRequest = chat
-                max_tokens = chat.effective_max_tokens()
-            else:
-                body = completion = parse_body(raw, CompletionRequest)
-                max_tokens = completion.max_tokens
+            body = parse_body(raw, ChatCompletionRequest if kind == "chat" else CompletionRequest)
             timer.model = self.metrics.model_label(body.model)
             if body.model != self.served_model:
                 raise ModelNotFound(body.model)
-            prefix = "chatcmpl" if kind == "chat" else "cmpl"
-            request = GenerationRequest(
-                request_id=f"{prefix}-{uuid.uuid4().hex}",
-                kind=kind,
-                params=body.sampling(max_tokens),
-                messages=tuple(m.as_template_message() for m in chat.messages) if kind == "chat" else (),
-                prompt=completion.prompt_text() if kind == "completion" else "",
-            )
+            request = to_generation_request(body)
             deadline = time.monotonic() + self.timeout_s
             routed = await self.router.open(request)
         except ApiError as exc:
             timer.finish(exc.status_code)
+            raise
+        except Exception:
+            timer.finish(500)
             raise
         timer.routed(routed.backend)
         formatter = ResponseFormatter(kind, request.request_id, body.model)
@@ -173,6 +163,22 @@ class GenerationService:
                 timer.finish(status)
             else:
                 timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+
+
+def to_generation_request(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    if isinstance(body, ChatCompletionRequest):
+        return GenerationRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            kind="chat",
+            params=body.sampling(body.effective_max_tokens()),
+            messages=tuple(m.as_template_message() for m in body.messages),
+        )
+    return GenerationRequest(
+        request_id=f"cmpl-{uuid.uuid4().hex}",
+        kind="completion",
+        params=body.sampling(body.max_tokens),
+        prompt=body.prompt_text(),
+    )
 
 
 def _loop_time(deadline: float) -> float:

