@@ -114,3 +114,16 @@ class RequestTimeout(ApiError):
     status_code = 504
     error_type = "timeout"
     code = "timeout"
+
+
+class Unauthorized(ApiError):
+    """Missing, malformed or unknown API key. The message never echoes the key, and is
+    the same for a key that never existed and one that was deleted or rotated away."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Incorrect API key provided.") -> None:
+        # RFC 9110 requires a 401 to name the scheme it accepts.
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})

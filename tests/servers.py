@@ -87,10 +87,10 @@ def gateway(name: str, settings: dict[str, Any], env: dict[str, str] | None = No
 
 def vllm_server(port: int | None = None) -> ServerProcess:
     from serving.engines.vllm_launcher import vllm_command, vllm_env
-    from tuneserve.config import VLLMLaunchConfig, load_settings
+    from tuneserve.config import VLLMConfig, VLLMLaunchConfig, load_settings
 
     settings = load_settings(environ={"TUNESERVE_DATA_DIR": str(DATA_DIR)})
     port = port or free_port()
-    launch = VLLMLaunchConfig(port=port, **TEST_VLLM_LAUNCH)
-    command = vllm_command(launch, settings.resolved_hf_path(), settings.model.name, settings.model.max_model_len)
-    return ServerProcess("vllm", command, port, vllm_env(launch))
+    vllm = VLLMConfig(launch=VLLMLaunchConfig(port=port, **TEST_VLLM_LAUNCH))
+    command = vllm_command(vllm, settings.resolved_hf_path(), settings.model.name, settings.model.max_model_len)
+    return ServerProcess("vllm", command, port, vllm_env(vllm.launch))

@@ -7,13 +7,16 @@ import re
 from prometheus_client import generate_latest
 
 from serving.metrics import GatewayMetrics
+from scripts import config_table
 from tests.servers import ROOT
 from tuneserve.config import env_name, iter_fields
 
 README = (ROOT / "README.md").read_text()
 
 
-def test_every_config_key_is_in_readme() -> None:
+def test_config_table_is_current() -> None:
+    """Regenerate with: .venv/bin/python scripts/config_table.py"""
+    assert config_table.render(README) == README
     for key, _ in iter_fields():
         assert f"`{key}`" in README, key
         assert env_name(key) in README, key

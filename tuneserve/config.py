@@ -72,6 +72,9 @@ class LlamaCppConfig(_Section):
     queue_size: int = Field(
         64, ge=1, description="Requests waiting for a worker; beyond this clients get 429."
     )
+    max_loras: int = Field(
+        8, ge=1, description="GGUF LoRA adapters each llama.cpp instance keeps loaded (LRU)."
+    )
 
 
 class CircuitBreakerConfig(_Section):
@@ -137,8 +140,25 @@ class VLLMConfig(_Section):
     )
     health_interval_s: float = Field(2.0, gt=0, description="Seconds between vLLM health probes.")
     max_connections: int = Field(256, ge=1, description="HTTP connection pool size to vLLM.")
+    enable_lora: bool = Field(
+        True, description="Serve tenants' LoRA adapters on vLLM (launched with --enable-lora)."
+    )
+    max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters in one batch.")
+    max_cpu_loras: int = Field(
+        8,
+        ge=1,
+        description="vLLM --max-cpu-loras, and how many adapters the gateway keeps "
+        "registered in vLLM (least recently used idle ones are unloaded).",
+    )
+    max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank.")
     breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     launch: VLLMLaunchConfig = Field(default_factory=VLLMLaunchConfig)
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self) -> "VLLMConfig":
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras (vLLM refuses otherwise)")
+        return self
 
 
 class EnginesConfig(_Section):
@@ -152,6 +172,65 @@ class EnginesConfig(_Section):
         return self
 
 
+class AuthConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="Require an API key (a tenant's, or the admin key) on every request. "
+        "When false (dev mode) every request is accepted as admin acting for tenant 'default'.",
+    )
+    # repr=False keeps the key out of a logged or printed Settings. A short key is
+    # rejected here, at start-up, rather than trusted.
+    admin_key: str | None = Field(
+        None,
+        min_length=16,
+        repr=False,
+        description="Admin API key, at least 16 characters (e.g. the output of "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`). "
+        "Default: none, only tenants' keys work.",
+    )
+
+
+class TenantLimits(_Section):
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Requests a tenant may start per minute (null: unlimited)."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Prompt + completion tokens per minute (null: unlimited)."
+    )
+    concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests a tenant may have in flight (null: unlimited)."
+    )
+
+
+class LimitsConfig(_Section):
+    default: TenantLimits = Field(default_factory=TenantLimits)
+    per_tenant: dict[str, TenantLimits] = Field(
+        default_factory=dict,
+        description="Overrides by tenant name, e.g. {acme: {requests_per_minute: 600}}.",
+    )
+
+
+class AdaptersConfig(_Section):
+    max_rank: int = Field(
+        64,
+        ge=1,
+        description="Largest LoRA rank an adapter may have (keep <= engines.vllm.max_lora_rank).",
+    )
+    max_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="Largest adapter, in bytes unpacked; archives are checked while extracting.",
+    )
+    max_files: int = Field(
+        64, ge=1, description="Most files and directories an adapter upload may contain."
+    )
+    base_aliases: list[str] = Field(
+        default_factory=lambda: ["HuggingFaceTB/SmolLM2-135M-Instruct"],
+        description="Other names of the served base model accepted in an adapter's "
+        "base_model_name_or_path (besides model.name and the model's HF path).",
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(
         Path("data"), description="Where prepared models, adapters and state live."
@@ -159,6 +238,9 @@ class Settings(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     # Paths derived from data_dir keep one place to change the layout.
     def model_dir(self) -> Path:

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serving.api.generation import GenerationService
-from serving.engines.base import Engine
+from serving.engines.base import AdapterObserver, Engine
 from serving.engines.llamacpp import LlamaCppEngine
 from serving.engines.vllm import VLLMEngine
 from serving.engines.vllm_launcher import VLLMLauncher
@@ -23,13 +23,15 @@ from serving.errors import ApiError, InvalidRequest, NoEngineAvailable
 from serving.metrics import GatewayMetrics
 from serving.prompting import ChatTemplate
 from serving.router import Router
+from serving.tenancy import Tenancy
+from tuneserve.tenancy.auth import log_dev_mode_warning
 from tuneserve import __version__
 from tuneserve.config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_engines(settings: Settings) -> list[Engine]:
+def build_engines(settings: Settings, observer: AdapterObserver | None = None) -> list[Engine]:
     """Engines in routing priority: vLLM (GPU) first when enabled, llama.cpp last."""
     engines: list[Engine] = []
     hf_path = settings.resolved_hf_path()
@@ -38,13 +40,13 @@ def build_engines(settings: Settings) -> list[Engine]:
         launcher = None
         if cfg.launch.enabled:
             launcher = VLLMLauncher(
-                cfg.launch,
+                cfg,
                 hf_path,
                 settings.vllm_model_name(),
                 settings.model.max_model_len,
                 settings.data_dir / "logs" / "vllm.log",
             )
-        engines.append(VLLMEngine(cfg, settings.vllm_url(), settings.vllm_model_name(), launcher))
+        engines.append(VLLMEngine(cfg, settings.vllm_url(), settings.vllm_model_name(), launcher, observer))
     if settings.engines.llamacpp.enabled:
         cfg_l = settings.engines.llamacpp
         # The HF tokenizer's template is what vLLM renders with; prefer it for parity.
@@ -58,6 +60,8 @@ def build_engines(settings: Settings) -> list[Engine]:
                 n_batch=cfg_l.n_batch,
                 queue_size=cfg_l.queue_size,
                 template=template,
+                max_loras=cfg_l.max_loras,
+                observer=observer,
             )
         )
     return engines
@@ -68,13 +72,15 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 
 def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastAPI:
-    engines = build_engines(settings) if engines is None else engines
     metrics = GatewayMetrics([settings.model.name])
+    engines = build_engines(settings, metrics) if engines is None else engines
     metrics.watch_engines(lambda: engines)
     router = Router(engines, metrics)
+    tenancy = Tenancy.from_settings(settings)
     service = GenerationService(
         router,
         metrics,
+        tenancy,
         settings.model.name,
         settings.server.max_body_bytes,
         settings.server.request_timeout_s,
@@ -83,6 +89,8 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth.enabled:
+            log_dev_mode_warning()
         for engine in engines:
             await engine.start()
         if not router.any_ready():
@@ -97,6 +105,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
     app.state.settings = settings
     app.state.engines = engines
     app.state.metrics = metrics
+    app.state.tenancy = tenancy
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -127,19 +136,34 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
         return await service.handle(request, "completion")
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [
+    async def list_models(request: Request) -> dict:
+        principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+        base = settings.model.name
+        data = [
+            {
+                "id": base,
+                "object": "model",
+                "created": started_at,
+                "owned_by": "tuneserve",
+                "root": base,
+                "parent": None,
+                "max_model_len": settings.model.max_model_len,
+            }
+        ]
+        for record in tenancy.visible_adapters(principal):
+            own = record.tenant == principal.tenant
+            data.append(
                 {
-                    "id": settings.model.name,
+                    "id": record.name if own else f"{record.tenant}/{record.name}",
                     "object": "model",
-                    "created": started_at,
-                    "owned_by": "tuneserve",
+                    "created": int(record.created_at.timestamp()),
+                    "owned_by": record.tenant,
+                    "root": base,
+                    "parent": base,
                     "max_model_len": settings.model.max_model_len,
                 }
-            ],
-        }
+            )
+        return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health() -> dict:

@@ -15,10 +15,11 @@ from starlette.responses import Response
 from serving.api.parsing import parse_body, read_body
 from serving.api.responses import SSE_DONE, ResponseFormatter, sse
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
-from serving.engines.base import GenerationRequest, TextDelta, Usage
-from serving.errors import ApiError, EngineFailed, ModelNotFound, RequestTimeout
+from serving.engines.base import AdapterRef, GenerationRequest, TextDelta, Usage
+from serving.errors import ApiError, EngineFailed, RequestTimeout
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
+from serving.tenancy import ADMIN_LABEL, Tenancy, to_ref
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,14 @@ class GenerationService:
         self,
         router: Router,
         metrics: GatewayMetrics,
+        tenancy: Tenancy,
         served_model: str,
         max_body_bytes: int,
         timeout_s: float,
     ) -> None:
         self.router = router
         self.metrics = metrics
+        self.tenancy = tenancy
         self.served_model = served_model
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
@@ -45,12 +48,18 @@ class GenerationService:
         endpoint = "chat" if kind == "chat" else "completions"
         timer = RequestTimer(self.metrics, endpoint, None)
         try:
+            principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
+            timer.tenant = principal.tenant or ADMIN_LABEL
             raw = await read_body(http, self.max_body_bytes)
             body = parse_body(raw, ChatCompletionRequest if kind == "chat" else CompletionRequest)
-            timer.model = self.metrics.model_label(body.model)
-            if body.model != self.served_model:
-                raise ModelNotFound(body.model)
-            request = to_generation_request(body)
+            record = self.tenancy.resolve_model(principal, body.model)
+            timer.model = self.served_model
+            if record is not None:
+                timer.tenant, timer.adapter = record.tenant, record.name
+            tenant = timer.tenant
+            self.tenancy.limiter.acquire(tenant)
+            timer.on_finish = lambda tokens: self.tenancy.limiter.release(tenant, tokens)
+            request = to_generation_request(body, to_ref(record) if record else None)
             deadline = time.monotonic() + self.timeout_s
             routed = await self.router.open(request)
         except ApiError as exc:
@@ -165,19 +174,23 @@ class GenerationService:
                 timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
 
 
-def to_generation_request(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+def to_generation_request(
+    body: ChatCompletionRequest | CompletionRequest, adapter: AdapterRef | None
+) -> GenerationRequest:
     if isinstance(body, ChatCompletionRequest):
         return GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             kind="chat",
             params=body.sampling(body.effective_max_tokens()),
             messages=tuple(m.as_template_message() for m in body.messages),
+            adapter=adapter,
         )
     return GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         kind="completion",
         params=body.sampling(body.max_tokens),
         prompt=body.prompt_text(),
+        adapter=adapter,
     )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Union
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Protocol, Union
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,44 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A tenant's LoRA adapter as the engines see it.
+
+    `engine_name` is versioned (tenant--name--vN): a new version is a new name, so no
+    engine can serve it from state (weights, prefix cache) left by the old one.
+    """
+
+    engine_name: str
+    peft_path: Path
+    gguf_path: Path
+    tenant: str
+    name: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     kind: Literal["chat", "completion"]
     params: SamplingParams
     messages: tuple[dict[str, Any], ...] = ()
     prompt: str = ""
+    adapter: AdapterRef | None = None
+
+
+class AdapterObserver(Protocol):
+    """Receives adapter load and eviction events (metrics)."""
+
+    def adapter_loaded(self, backend: str, seconds: float) -> None: ...
+
+    def adapter_evicted(self, backend: str) -> None: ...
+
+
+class NullAdapterObserver:
+    def adapter_loaded(self, backend: str, seconds: float) -> None:
+        pass
+
+    def adapter_evicted(self, backend: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,12 @@ class Engine(abc.ABC):
 
     def queue_depth(self) -> int:
         return 0
+
+    def loaded_adapters(self) -> int:
+        return 0
+
+    async def unload_adapter(self, engine_name: str) -> None:  # noqa: B027 - optional hook
+        """Drop an adapter (deleted or replaced) from the engine's caches."""
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:

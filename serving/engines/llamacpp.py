@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serving.engines.base import (
+    AdapterObserver,
     Engine,
     EngineStatus,
     GenerationEvent,
     GenerationRequest,
+    NullAdapterObserver,
     TextDelta,
     Usage,
 )
+from serving.engines.llamacpp_adapters import LlamaAdapterCache
 from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
 from serving.prompting import ChatTemplate, ChatTemplateError
 
@@ -94,9 +97,20 @@ def prompt_tokens(llama: Any, template: ChatTemplate, request: GenerationRequest
 class _Worker:
     """One Llama and the thread that owns it."""
 
-    def __init__(self, index: int, llama: Any, template: ChatTemplate, jobs: "queue.Queue[Any]") -> None:
+    def __init__(
+        self,
+        index: int,
+        llama: Any,
+        template: ChatTemplate,
+        jobs: "queue.Queue[Any]",
+        adapters: LlamaAdapterCache,
+        forgotten: "ForgetList",
+    ) -> None:
         self.index = index
         self.busy = False
+        self.adapters = adapters
+        self.forgotten = forgotten
+        self._forgotten_seen = 0
         self.llama = llama
         self.template = template
         self.jobs = jobs
@@ -106,7 +120,9 @@ class _Worker:
         while True:
             job = self.jobs.get()
             if job is None:
+                self.adapters.close()
                 return
+            self._free_forgotten_adapters()
             if job.cancelled.is_set():
                 job.emit(_DONE)
                 continue
@@ -122,12 +138,19 @@ class _Worker:
                 self.busy = False
                 job.emit(_DONE)
 
+    def _free_forgotten_adapters(self) -> None:
+        names, self._forgotten_seen = self.forgotten.since(self._forgotten_seen)
+        if names:
+            self.adapters.forget(names)
+
     def _generate(self, job: _Job) -> None:
         import llama_cpp
 
         llama = self.llama
         request = job.request
         params = request.params
+        if self.adapters.activate(request.adapter):
+            llama.reset()
         tokens = prompt_tokens(llama, self.template, request)
         n_ctx = llama.n_ctx()
         if not tokens:
@@ -188,6 +211,22 @@ class _Worker:
             job.emit(Usage(prompt_tokens=len(tokens), completion_tokens=completion))
 
 
+class ForgetList:
+    """Append-only list of unloaded adapter names; each worker reads what it has not seen."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names.append(name)
+
+    def since(self, seen: int) -> tuple[list[str], int]:
+        with self._lock:
+            return self._names[seen:], len(self._names)
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
 
@@ -200,6 +239,8 @@ class LlamaCppEngine(Engine):
         n_batch: int = 512,
         queue_size: int = 64,
         template: ChatTemplate | None = None,
+        max_loras: int = 8,
+        observer: AdapterObserver | None = None,
     ) -> None:
         self.gguf_path = gguf_path
         self.n_ctx = n_ctx
@@ -208,6 +249,9 @@ class LlamaCppEngine(Engine):
         self.n_batch = n_batch
         self.queue_size = queue_size
         self.template = template
+        self.max_loras = max_loras
+        self.observer = observer or NullAdapterObserver()
+        self._forgotten = ForgetList()
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._workers: list[_Worker] = []
         self._in_engine = 0
@@ -233,7 +277,8 @@ class LlamaCppEngine(Engine):
             if self.template is None:
                 tokens = [llama.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llama.n_vocab())]
                 self.template = ChatTemplate.from_gguf_metadata(llama.metadata, tokens)
-            worker = _Worker(index, llama, self.template, self._jobs)
+            adapters = LlamaAdapterCache(llama, self.max_loras, self.observer)
+            worker = _Worker(index, llama, self.template, self._jobs, adapters, self._forgotten)
             worker.thread.start()
             self._workers.append(worker)
         log.info("llama.cpp ready: %s, %d worker(s) x %d threads", self.gguf_path, self.n_workers, self.n_threads)
@@ -262,6 +307,14 @@ class LlamaCppEngine(Engine):
 
     def queue_depth(self) -> int:
         return max(0, self._in_engine - len(self._workers))
+
+    def loaded_adapters(self) -> int:
+        return len(frozenset().union(*(w.adapters.loaded_names for w in self._workers)))
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        # Workers free it before their next job; until then it only holds memory,
+        # and versioned names mean no request can reach it again.
+        self._forgotten.add(engine_name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self._workers:

@@ -16,13 +16,16 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from serving.engines.base import (
+    AdapterObserver,
     Engine,
     EngineStatus,
     GenerationEvent,
     GenerationRequest,
+    NullAdapterObserver,
     TextDelta,
     Usage,
 )
+from serving.engines.vllm_adapters import VLLMAdapterManager
 from serving.engines.vllm_launcher import VLLMLauncher
 from serving.errors import EngineFailed, EngineUnavailable, InvalidRequest
 from serving.resilience import CircuitBreaker
@@ -68,9 +71,17 @@ def _error_message(payload: bytes) -> tuple[str, str | None]:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, config: VLLMConfig, url: str, model: str, launcher: VLLMLauncher | None = None) -> None:
+    def __init__(
+        self,
+        config: VLLMConfig,
+        url: str,
+        model: str,
+        launcher: VLLMLauncher | None = None,
+        observer: AdapterObserver | None = None,
+    ) -> None:
         self.config = config
         self.url = url
+        self.adapters = VLLMAdapterManager(self._live_session, config.max_cpu_loras, observer or NullAdapterObserver())
         self.model = model
         self.launcher = launcher
         self.breaker = CircuitBreaker(config.breaker.failure_threshold, config.breaker.reset_timeout_s)
@@ -98,6 +109,16 @@ class VLLMEngine(Engine):
         await self.probe()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="vllm-health")
 
+    def _live_session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    def loaded_adapters(self) -> int:
+        return self.adapters.loaded()
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        await self.adapters.unload(engine_name)
+
     async def stop(self) -> None:
         if self._probe_task:
             self._probe_task.cancel()
@@ -118,6 +139,8 @@ class VLLMEngine(Engine):
             self._detail = f"/health failed: {type(exc).__name__}"
         if healthy and not self._up:
             log.info("vLLM at %s is up", self.url)
+            # It may be a restarted process: whatever we registered there is gone.
+            self.adapters.reset()
             # A healthy server gets traffic back at once instead of after the reset timeout.
             self.breaker.record_success()
         elif not healthy and self._up:
@@ -152,7 +175,10 @@ class VLLMEngine(Engine):
         if not self.breaker.allow_request():
             raise EngineUnavailable("circuit_open")
         started = False
+        adapter = request.adapter
         try:
+            if adapter is not None:
+                await self.adapters.acquire(adapter)
             async for event in self._stream(request):
                 if not started:
                     started = True
@@ -166,12 +192,15 @@ class VLLMEngine(Engine):
             raise
         finally:
             self.breaker.release_trial()
+            if adapter is not None:
+                self.adapters.release(adapter)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         assert self._session is not None
         path = "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
         try:
-            response = await self._session.post(path, json=request_body(request, self.model))
+            model = request.adapter.engine_name if request.adapter else self.model
+            response = await self._session.post(path, json=request_body(request, model))
         except asyncio.TimeoutError as exc:
             raise EngineUnavailable("timeout", "no response headers in time") from exc
         except aiohttp.ClientError as exc:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tuneserve.config import VLLMLaunchConfig
+from tuneserve.config import VLLMConfig, VLLMLaunchConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,21 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def vllm_command(
-    config: VLLMLaunchConfig, model_path: Path, served_name: str, max_model_len: int
-) -> list[str]:
+def vllm_command(vllm: VLLMConfig, model_path: Path, served_name: str, max_model_len: int) -> list[str]:
+    config = vllm.launch
+    lora = (
+        [
+            "--enable-lora",
+            "--max-loras",
+            str(vllm.max_loras),
+            "--max-cpu-loras",
+            str(vllm.max_cpu_loras),
+            "--max-lora-rank",
+            str(vllm.max_lora_rank),
+        ]
+        if vllm.enable_lora
+        else []
+    )
     return [
         config.python or sys.executable,
         "-m",
@@ -65,6 +77,7 @@ def vllm_command(
         "--generation-config",
         "vllm",
         "--disable-log-stats",
+        *lora,
         *config.extra_args,
     ]
 
@@ -80,14 +93,14 @@ def vllm_env(config: VLLMLaunchConfig) -> dict[str, str]:
 class VLLMLauncher:
     def __init__(
         self,
-        config: VLLMLaunchConfig,
+        vllm: VLLMConfig,
         model_path: Path,
         served_name: str,
         max_model_len: int,
         log_file: Path,
     ) -> None:
-        self.config = config
-        self.command = vllm_command(config, model_path, served_name, max_model_len)
+        self.config = vllm.launch
+        self.command = vllm_command(vllm, model_path, served_name, max_model_len)
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0

@@ -8,7 +8,7 @@ import sys
 from typing import Callable, Sequence
 
 from tuneserve import __version__
-from tuneserve.cli import models_cmd, serve_cmd
+from tuneserve.cli import adapters_cmd, models_cmd, serve_cmd, tenants_cmd
 from tuneserve.errors import TuneserveError
 
 # Commands whose issues are still open register here so `--help` shows the whole
@@ -19,8 +19,6 @@ PLANNED = {
     "merge": "run a mergekit merge job",
     "export": "export a model or adapter to GGUF",
     "jobs": "list, show and cancel merge/export jobs",
-    "tenants": "manage tenants and their API keys",
-    "adapters": "manage tenants' LoRA adapters",
 }
 
 
@@ -38,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd.register(sub)
     models_cmd.register(sub)
+    tenants_cmd.register(sub)
+    adapters_cmd.register(sub)
     for name, summary in PLANNED.items():
         planned = sub.add_parser(name, help=f"{summary} (not available yet)")
         planned.set_defaults(handler=_planned(name))

@@ -1,0 +1,102 @@
+"""Per-tenant limits: requests/min, tokens/min and concurrent requests.
+
+Rates are token buckets refilled continuously (capacity = one minute's allowance), so a
+tenant can burst up to its per-minute budget and then runs at the configured rate.
+Tokens are charged after the request, when usage is known; a tenant whose bucket is
+in debt is refused until it refills. Over any limit: 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from serving.errors import ApiError
+from tuneserve.config import TenantLimits
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
+@dataclass
+class _Bucket:
+    per_minute: float
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.per_minute, self.level + (now - self.updated) * self.per_minute / 60)
+        self.updated = now
+
+    def seconds_until(self, amount: float) -> float:
+        return max(0.0, (amount - self.level) * 60 / self.per_minute)
+
+
+@dataclass
+class _TenantState:
+    requests: _Bucket | None
+    tokens: _Bucket | None
+    in_flight: int = 0
+    limits: TenantLimits = field(default_factory=TenantLimits)
+
+
+class TenantLimiter:
+    def __init__(
+        self,
+        defaults: TenantLimits,
+        overrides: dict[str, TenantLimits],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.defaults = defaults
+        self.overrides = overrides
+        self._clock = clock
+        self._state: dict[str, _TenantState] = {}
+
+    def _state_for(self, tenant: str) -> _TenantState:
+        state = self._state.get(tenant)
+        if state is None:
+            limits = self.overrides.get(tenant, self.defaults)
+            now = self._clock()
+            rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+            state = _TenantState(
+                requests=_Bucket(rpm, rpm, now) if rpm else None,
+                tokens=_Bucket(tpm, tpm, now) if tpm else None,
+                limits=limits,
+            )
+            self._state[tenant] = state
+        return state
+
+    def acquire(self, tenant: str) -> None:
+        """Admit one request or raise RateLimited; pair with release()."""
+        state = self._state_for(tenant)
+        now = self._clock()
+        limit = state.limits.concurrent_requests
+        if limit and state.in_flight >= limit:
+            raise RateLimited(f"Tenant '{tenant}' has {limit} requests in flight, its concurrency limit.", 1)
+        if state.tokens is not None:
+            state.tokens.refill(now)
+            if state.tokens.level <= 0:
+                wait = state.tokens.seconds_until(1)
+                raise RateLimited(f"Tenant '{tenant}' is over {state.tokens.per_minute:g} tokens per minute.", wait)
+        if state.requests is not None:
+            state.requests.refill(now)
+            if state.requests.level < 1:
+                wait = state.requests.seconds_until(1)
+                raise RateLimited(f"Tenant '{tenant}' is over {state.requests.per_minute:g} requests per minute.", wait)
+            state.requests.level -= 1
+        state.in_flight += 1
+
+    def release(self, tenant: str, tokens_used: int) -> None:
+        state = self._state_for(tenant)
+        state.in_flight = max(0, state.in_flight - 1)
+        if state.tokens is not None and tokens_used:
+            state.tokens.refill(self._clock())
+            state.tokens.level -= tokens_used

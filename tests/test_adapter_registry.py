@@ -1,0 +1,516 @@
+"""Adapter registry: a real PEFT LoRA of the prepared base, stored, versioned, removed;
+every bad upload refused with its reason and nothing left on disk. No mocks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.servers import DATA_DIR, ROOT
+from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord, AdapterRegistry
+from tuneserve.adapters.validation import AdapterRejected
+from tuneserve.config import Settings, load_settings
+
+HF_DIR = DATA_DIR / "models" / "smollm2-135m-instruct" / "hf"
+PEFT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real r=8 LoRA on q_proj/v_proj of the prepared base, as PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(HF_DIR))
+    # init_lora_weights=False: random B too, so the adapter is not a no-op.
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    get_peft_model(model, config).save_pretrained(str(out))
+    assert sorted(p.name for p in out.iterdir()) == PEFT_FILES
+    return out
+
+
+def settings_for(data_dir: Path, **adapters: Any) -> Settings:
+    overrides = {"data_dir": str(data_dir), "model.hf_path": str(HF_DIR)}
+    overrides.update({f"adapters.{key}": value for key, value in adapters.items()})
+    return load_settings(overrides=overrides, environ={})
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture()
+def registry(data_dir: Path) -> AdapterRegistry:
+    return AdapterRegistry(settings_for(data_dir))
+
+
+def listing(root: Path) -> list[tuple[str, int | None, int]]:
+    """Every path under root with its size and mtime: any change shows."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            size = info.st_size if stat.S_ISREG(info.st_mode) else None
+            entries.append((str(path.relative_to(root)), size, info.st_mtime_ns))
+    return sorted(entries)
+
+
+def copy_adapter(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def edit_config(adapter: Path, **changes: Any) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def make_tar_gz(adapter: Path, out: Path, top: str | None = "adapter", extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        for file in sorted(adapter.iterdir()):
+            tar.add(file, arcname=f"{top}/{file.name}" if top else file.name)
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out
+
+
+def make_zip(adapter: Path, out: Path, top: str | None = "adapter", extra: list[tuple[zipfile.ZipInfo, bytes]] = ()) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(adapter.iterdir()):
+            archive.write(file, f"{top}/{file.name}" if top else file.name)
+        for info, data in extra:
+            archive.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    return out
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+# ---------------------------------------------------------------- storing
+
+
+def check_stored(record: AdapterRecord, registry: AdapterRegistry, peft_adapter: Path, version: int = 1) -> None:
+    assert (record.tenant, record.name, record.version) == ("acme", "support", version)
+    assert record.engine_name == f"acme--support--v{version}"
+    assert record.path == registry.root / "acme" / "support" / f"v{version}"
+    assert sorted(p.name for p in record.path.iterdir()) == [
+        "adapter.gguf", "adapter_config.json", "adapter_model.safetensors", "manifest.json"
+    ]
+    assert record.gguf_path == record.path / "adapter.gguf"
+    assert record.gguf_path.read_bytes()[:4] == b"GGUF"
+    weights = (peft_adapter / "adapter_model.safetensors").read_bytes()
+    assert (record.path / "adapter_model.safetensors").read_bytes() == weights
+    assert record.size_bytes == len(weights)
+    import hashlib
+
+    assert record.sha256 == hashlib.sha256(weights).hexdigest()
+    assert (record.rank, record.alpha, record.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
+    manifest = json.loads((record.path / "manifest.json").read_text())
+    assert manifest["base"] == "smollm2-135m-instruct"
+    assert manifest["sha256"] == record.sha256 and manifest["version"] == version
+    assert (record.path.parent / "current").read_text() == f"v{version}\n"
+    assert registry.get("acme", "support") == record
+    # Nothing but the adapter tree is left in the data dir: no temp dirs.
+    assert [p.name for p in registry.data_dir.iterdir()] == ["adapters"]
+
+
+def test_add_from_directory(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    record = registry.add("acme", "support", peft_adapter)
+    check_stored(record, registry, peft_adapter)
+    assert registry.list() == [record]
+
+
+@pytest.mark.parametrize("top", ["adapter", None], ids=["top-dir", "files-at-root"])
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_add_from_archive(registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path, kind: str, top: str | None) -> None:
+    make = make_tar_gz if kind == "tar.gz" else make_zip
+    # The format is recognised by content: an HTTP upload is a temp file without a suffix.
+    archive = make(peft_adapter, tmp_path / "upload", top=top)
+    check_stored(registry.add("acme", "support", archive), registry, peft_adapter)
+
+
+def test_new_version_becomes_current(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    first = registry.add("acme", "support", peft_adapter)
+    second = registry.add("acme", "support", peft_adapter)
+    check_stored(second, registry, peft_adapter, version=2)
+    assert first.engine_name != second.engine_name
+    assert first.path.is_dir()  # older versions stay until the adapter is removed
+    assert registry.list("acme") == [second]
+
+
+def test_list_get_remove(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    a = registry.add("acme", "support", peft_adapter)
+    b = registry.add("acme", "billing", peft_adapter)
+    c = registry.add("globex", "support", peft_adapter)
+    assert registry.list() == [b, a, c]  # by tenant, then name
+    assert registry.list("acme") == [b, a]
+    assert registry.list("initech") == []
+    assert registry.get("acme", "nope") is None and registry.get("initech", "support") is None
+
+    registry.add("acme", "support", peft_adapter)  # v2: remove takes every version
+    removed = registry.remove("acme", "support")
+    assert removed.version == 2
+    assert registry.get("acme", "support") is None
+    assert not (registry.root / "acme" / "support").exists()
+    assert not (registry.root / ".trash").exists()
+    assert registry.list() == [b, c]
+    with pytest.raises(AdapterNotFound):
+        registry.remove("acme", "support")
+
+    # A re-added name continues the numbering: engines never see an old engine_name again.
+    again = registry.add("acme", "support", peft_adapter)
+    assert again.version == 3 and again.engine_name == "acme--support--v3"
+
+
+def test_directory_of_symlinks_is_copied(registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path) -> None:
+    """An HF cache snapshot is a dir of symlinks to blobs: the files are copied."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in PEFT_FILES:
+        (snapshot / name).symlink_to(peft_adapter / name)
+    record = registry.add("acme", "support", snapshot)
+    check_stored(record, registry, peft_adapter)
+    assert not (record.path / "adapter_model.safetensors").is_symlink()
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "smollm2-135m-instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct/",  # alias; trailing slash ignored
+        str(HF_DIR) + "/",
+        "symlink",  # another path to the same dir
+    ],
+)
+def test_base_model_forms_accepted(data_dir: Path, peft_adapter: Path, tmp_path: Path, base: str) -> None:
+    adapter = copy_adapter(peft_adapter, tmp_path / "adapter")
+    if base == "symlink":
+        (tmp_path / "base-link").symlink_to(HF_DIR)
+        base = str(tmp_path / "base-link")
+    edit_config(adapter, base_model_name_or_path=base)
+    assert AdapterRegistry(settings_for(data_dir)).add("acme", "support", adapter).version == 1
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r"model\.layers\.\d+\.self_attn\.(q|v)_proj", ["v_proj", "self_attn.q_proj"]])
+def test_target_module_forms_accepted(registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path, targets: Any) -> None:
+    adapter = copy_adapter(peft_adapter, tmp_path / "adapter")
+    edit_config(adapter, target_modules=targets)
+    assert registry.add("acme", "support", adapter).target_modules == ["q_proj", "v_proj"]
+
+
+def test_config_defaults_and_overrides() -> None:
+    adapters = load_settings(environ={}).adapters
+    assert (adapters.max_rank, adapters.max_bytes, adapters.max_files) == (64, 512 * 1024 * 1024, 64)
+    assert adapters.base_aliases == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    env = {"TUNESERVE_ADAPTERS__BASE_ALIASES": "[a/b, c]", "TUNESERVE_ADAPTERS__MAX_RANK": "16"}
+    adapters = load_settings(environ=env).adapters
+    assert adapters.base_aliases == ["a/b", "c"] and adapters.max_rank == 16
+
+
+# ---------------------------------------------------------------- rejections
+
+
+def _save_tensors(path: Path, extra: dict[str, Any]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors.update(extra)
+    save_file(tensors, str(path))
+
+
+def _torch_save(path: Path) -> None:
+    import torch
+
+    torch.save({"lora_A": torch.zeros(2, 2)}, path)
+
+
+def _corrupt_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"not json :-("
+    path.write_bytes(bytes(data))
+
+
+def _gzip_bomb(adapter: Path, tmp: Path) -> Path:
+    # 64 MiB of zeros in one member: ~64 KiB compressed, refused on its declared size.
+    info = tarfile.TarInfo("adapter/zeros")
+    info.size = 64 << 20
+
+    class Zeros(io.RawIOBase):
+        left = info.size
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            n = min(len(b), self.left)
+            b[:n] = bytes(n)
+            self.left -= n
+            return n
+
+    out = tmp / "bomb.tar.gz"
+    with tarfile.open(out, "w:gz", compresslevel=1) as tar:
+        tar.addfile(info, io.BufferedReader(Zeros()))
+    return out
+
+
+def _pax_bomb(adapter: Path, tmp: Path) -> Path:
+    # A 32 MiB PAX header, which tarfile would read into memory whole: the decompressed
+    # stream itself is capped, so it stops at the limit.
+    info = tarfile.TarInfo("adapter/README.md")
+    info.pax_headers = {"comment": "x" * (32 << 20)}
+    out = tmp / "pax.tar.gz"
+    with tarfile.open(out, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=1) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    return out
+
+
+def _zip_bomb(adapter: Path, tmp: Path) -> Path:
+    out = tmp / "bomb.zip"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("adapter/zeros", "w") as member:
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+    return out
+
+
+def _add_lm_head(adapter: Path) -> None:
+    import torch
+
+    _save_tensors(adapter / "adapter_model.safetensors", {"base_model.model.lm_head.weight": torch.zeros(4, 4)})
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _zip_symlink() -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo("adapter/link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, b"/etc/passwd"
+
+
+# Each case: (id, how to build the upload from a copy of the good adapter dir, settings
+# overrides, expected reason). The builder gets (adapter copy, tmp dir) and returns the
+# path to upload.
+Build = Callable[[Path, Path], Path]
+
+
+def in_dir(change: Callable[[Path], Any]) -> Build:
+    def build(adapter: Path, tmp: Path) -> Path:
+        change(adapter)
+        return adapter
+
+    return build
+
+
+def tar_with(*members: tuple[tarfile.TarInfo, bytes | None]) -> Build:
+    return lambda adapter, tmp: make_tar_gz(adapter, tmp / "upload.tar.gz", extra=list(members))
+
+
+def zip_with(*members: tuple[zipfile.ZipInfo | str, bytes]) -> Build:
+    infos = [(zipfile.ZipInfo(m) if isinstance(m, str) else m, data) for m, data in members]
+    return lambda adapter, tmp: make_zip(adapter, tmp / "upload.zip", extra=infos)
+
+
+def write(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda adapter: (adapter / name).write_bytes(data)
+
+
+def junk_files(count: int) -> Callable[[Path], None]:
+    def change(adapter: Path) -> None:
+        for i in range(count):
+            (adapter / f"junk{i}.txt").write_text("x")
+
+    return change
+
+
+REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
+    ("missing-config", in_dir(lambda a: (a / "adapter_config.json").unlink()), {}, "missing_config"),
+    ("config-not-json", in_dir(write("adapter_config.json", b"{peft_type: LORA")), {}, "invalid_config"),
+    ("config-bad-type", in_dir(lambda a: edit_config(a, r="eight")), {}, "invalid_config"),
+    ("wrong-peft-type", in_dir(lambda a: edit_config(a, peft_type="IA3")), {}, "not_lora"),
+    ("wrong-base", in_dir(lambda a: edit_config(a, base_model_name_or_path="meta-llama/Llama-2-7b-hf")), {}, "base_mismatch"),
+    ("no-base", in_dir(lambda a: edit_config(a, base_model_name_or_path=None)), {}, "base_mismatch"),
+    ("rank-too-big", in_dir(lambda a: None), {"max_rank": 4}, "rank_too_large"),
+    # The config claims r=4 but the tensors are rank 8: the tensors decide.
+    ("tensor-rank-too-big", in_dir(lambda a: edit_config(a, r=4)), {"max_rank": 6}, "rank_too_large"),
+    ("unknown-target", in_dir(lambda a: edit_config(a, target_modules=["q_proj", "v_proj", "w_proj"])), {}, "unknown_target_module"),
+    ("regex-matches-nothing", in_dir(lambda a: edit_config(a, target_modules=r".*\.qkv")), {}, "unknown_target_module"),
+    ("tensor-outside-targets", in_dir(lambda a: edit_config(a, target_modules=["q_proj"])), {}, "invalid_weights"),
+    ("bin-file", in_dir(write("training_args.bin", pickle.dumps({"lr": 1e-4}))), {}, "pickle_file"),
+    ("pt-file", in_dir(lambda a: _torch_save(a / "optimizer.pt")), {}, "pickle_file"),
+    ("pickle-renamed", in_dir(write("notes.txt", pickle.dumps({"lr": 1e-4}, protocol=0))), {}, "pickle_file"),
+    ("torch-save-as-safetensors", in_dir(lambda a: _torch_save(a / "adapter_model.safetensors")), {}, "pickle_file"),
+    ("no-weights", in_dir(lambda a: (a / "adapter_model.safetensors").unlink()), {}, "missing_weights"),
+    ("corrupt-header", in_dir(lambda a: _corrupt_header(a / "adapter_model.safetensors")), {}, "invalid_weights"),
+    ("truncated-weights", in_dir(lambda a: os.truncate(a / "adapter_model.safetensors", 4096)), {}, "invalid_weights"),
+    ("non-lora-tensor", in_dir(_add_lm_head), {}, "invalid_weights"),
+    # Passes validation, but the GGUF converter refuses it: nothing may be stored either.
+    ("dora-not-convertible", in_dir(lambda a: edit_config(a, use_dora=True)), {}, "conversion_failed"),
+    ("alpha-zero-not-convertible", in_dir(lambda a: edit_config(a, lora_alpha=0)), {}, "conversion_failed"),
+    ("too-many-files-dir", in_dir(junk_files(2)), {"max_files": 4}, "too_many_files"),
+    ("too-many-files-zip", lambda a, t: make_zip(a, t / "u.zip", top=None, extra=[(zipfile.ZipInfo(f"j{i}"), b"x") for i in range(5)]), {"max_files": 4}, "too_many_files"),
+    ("too-many-files-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member(f"adapter/j{i}", data=b"x") for i in range(500)]), {"max_files": 64}, "too_many_files"),
+    ("too-large-dir", in_dir(lambda a: None), {"max_bytes": 100_000}, "too_large"),
+    ("archive-file-too-large-tar", lambda a, t: make_tar_gz(a, t / "u.tgz"), {"max_bytes": 1_000_000}, "too_large"),
+    ("archive-file-too-large-zip", lambda a, t: make_zip(a, t / "u.zip"), {"max_bytes": 1_000_000}, "too_large"),
+    # Compressible padding after the real files: refused on the running unpacked total.
+    ("too-large-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member("adapter/pad.txt", data=bytes(3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
+    ("too-large-zip", lambda a, t: make_zip(a, t / "u.zip", extra=[(zipfile.ZipInfo("adapter/pad.txt"), bytes(3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
+    ("gzip-bomb", _gzip_bomb, {"max_bytes": 4 << 20}, "too_large"),
+    ("zip-bomb", _zip_bomb, {"max_bytes": 4 << 20}, "too_large"),
+    ("pax-header-bomb", _pax_bomb, {"max_bytes": 4 << 20}, "too_large"),
+    ("tar-dotdot", tar_with(tar_member("adapter/../../../../evil", data=b"x")), {}, "unsafe_archive"),
+    ("zip-dotdot", zip_with(("../../../../evil", b"x")), {}, "unsafe_archive"),
+    ("tar-absolute", tar_with(tar_member("/tmp/evil", data=b"x")), {}, "unsafe_archive"),
+    ("zip-absolute", zip_with(("/tmp/evil", b"x")), {}, "unsafe_archive"),
+    ("tar-symlink", tar_with(tar_member("adapter/link", tarfile.SYMTYPE, linkname="/etc/passwd")), {}, "unsafe_archive"),
+    ("zip-symlink", zip_with(_zip_symlink()), {}, "unsafe_archive"),
+    ("tar-hardlink", tar_with(tar_member("adapter/link", tarfile.LNKTYPE, linkname="adapter/README.md")), {}, "unsafe_archive"),
+    ("tar-fifo", tar_with(tar_member("adapter/fifo", tarfile.FIFOTYPE)), {}, "unsafe_archive"),
+    ("tar-char-device", tar_with(tar_member("adapter/null", tarfile.CHRTYPE)), {}, "unsafe_archive"),
+    ("tar-duplicate", tar_with(tar_member("adapter/adapter_config.json", data=b"{}")), {}, "unsafe_archive"),
+    ("not-an-archive", lambda a, t: write_file(t / "x.zip", b"hello world"), {}, "invalid_archive"),
+    ("truncated-tar-gz", lambda a, t: write_file(t / "x.tgz", make_tar_gz(a, t / "f.tgz").read_bytes()[:5000]), {}, "invalid_archive"),
+    ("missing-path", lambda a, t: t / "does-not-exist", {}, "invalid_source"),
+    ("fifo-in-dir", in_dir(lambda a: os.mkfifo(a / "fifo")), {}, "invalid_source"),
+]
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory, peft_adapter: Path) -> Path:
+    """A data dir that already holds acme/support v1, which rejections must not touch."""
+    data = tmp_path_factory.mktemp("populated") / "data"
+    data.mkdir()
+    AdapterRegistry(settings_for(data)).add("acme", "support", peft_adapter)
+    return data
+
+
+@pytest.mark.parametrize(("build", "limits", "reason"), [c[1:] for c in REJECTIONS], ids=[c[0] for c in REJECTIONS])
+def test_rejection_leaves_data_dir_unchanged(
+    populated: Path, peft_adapter: Path, tmp_path: Path, build: Build, limits: dict[str, Any], reason: str
+) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(populated, data_dir)
+    registry = AdapterRegistry(settings_for(data_dir, **limits))
+    source = build(copy_adapter(peft_adapter, tmp_path / "adapter"), tmp_path)
+    before = listing(data_dir)
+    started = time.monotonic()
+    with pytest.raises(AdapterRejected) as info:
+        registry.add("acme", "support", source)
+    assert time.monotonic() - started < 10  # bombs are stopped, not unpacked
+    assert info.value.reason == reason, info.value
+    assert listing(data_dir) == before
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+    assert registry.get("acme", "support").version == 1  # type: ignore[union-attr]
+    # One line that says what to fix, and names the reason.
+    assert "\n" not in str(info.value) and f"({reason})" in str(info.value)
+
+
+def test_rejection_on_a_fresh_data_dir_leaves_nothing(data_dir: Path, peft_adapter: Path, tmp_path: Path) -> None:
+    adapter = copy_adapter(peft_adapter, tmp_path / "adapter")
+    edit_config(adapter, peft_type="IA3")
+    with pytest.raises(AdapterRejected, match=r"\(not_lora\)"):
+        AdapterRegistry(settings_for(data_dir)).add("acme", "support", adapter)
+    assert listing(data_dir) == []
+
+
+@pytest.mark.parametrize("tenant", ["Acme", "../acme", "a" * 65, "-x", "a--b", "", "a/b", ".hidden", "acme\n"])
+def test_bad_names(registry: AdapterRegistry, peft_adapter: Path, data_dir: Path, tenant: str) -> None:
+    registry.add("acme", "support", peft_adapter)
+    before = listing(data_dir)
+    for call in (
+        lambda: registry.add(tenant, "support", peft_adapter),
+        lambda: registry.add("acme", tenant, peft_adapter),  # the same rules for adapter names
+        lambda: registry.remove(tenant, "support"),
+        lambda: registry.remove("acme", tenant),
+    ):
+        with pytest.raises(AdapterRejected) as info:
+            call()
+        assert info.value.reason == "invalid_name"
+    # Lookups (a request's `model`) find nothing rather than fail; "../acme" finds no path.
+    assert registry.get(tenant, "support") is None and registry.get("acme", tenant) is None
+    assert registry.list(tenant) == []
+    assert listing(data_dir) == before
+
+
+def test_longest_name_is_accepted(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    name = "a" + "b.c_d-" * 10 + "x" * 3
+    assert len(name) == 64
+    assert registry.add("acme", name, peft_adapter).name == name
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update({"TUNESERVE_DATA_DIR": str(data_dir), "TUNESERVE_MODEL__HF_PATH": str(HF_DIR)})
+    return subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-m", "tuneserve.cli.main", "adapters", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+
+
+def test_cli_add_list_remove(data_dir: Path, peft_adapter: Path, tmp_path: Path) -> None:
+    archive = make_tar_gz(peft_adapter, tmp_path / "adapter.tar.gz")
+    added = run_cli("add", "acme", "support", str(archive), data_dir=data_dir)
+    assert added.returncode == 0, added.stderr
+    record = json.loads(added.stdout)
+    assert record["engine_name"] == "acme--support--v1" and record["rank"] == 8
+    assert Path(record["gguf_path"]).is_file()
+
+    listed = run_cli("list", "acme", data_dir=data_dir)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["engine_name"] for r in json.loads(listed.stdout)] == ["acme--support--v1"]
+
+    removed = run_cli("remove", "acme", "support", data_dir=data_dir)
+    assert removed.returncode == 0 and json.loads(removed.stdout)["version"] == 1
+    assert json.loads(run_cli("list", data_dir=data_dir).stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["add", "acme", "support", "{bad}"], "(not_lora)"),
+        (["add", "Acme", "support", "{bad}"], "(invalid_name)"),
+        (["remove", "acme", "nope"], "has no adapter 'nope'"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(data_dir: Path, peft_adapter: Path, tmp_path: Path, args: list[str], expected: str) -> None:
+    bad = copy_adapter(peft_adapter, tmp_path / "bad")
+    edit_config(bad, peft_type="IA3")
+    result = run_cli(*[a.replace("{bad}", str(bad)) for a in args], data_dir=data_dir)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("tuneserve adapters: error: ") and expected in lines[0]
+    assert listing(data_dir) == []

@@ -1,0 +1,64 @@
+"""Per-tenant limits: requests/min, tokens/min, concurrency; 429 with Retry-After."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.limits import RateLimited, TenantLimiter
+from tuneserve.config import TenantLimits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_per_minute_bucket() -> None:
+    clock = Clock()
+    limiter = TenantLimiter(TenantLimits(requests_per_minute=3), {}, clock)
+    for _ in range(3):
+        limiter.acquire("a")
+        limiter.release("a", 0)
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire("a")
+    assert info.value.status_code == 429
+    assert int(info.value.headers["Retry-After"]) == 20  # one request refills in 60/3 s
+    limiter.acquire("b")  # other tenants are not affected
+    clock.now += 20
+    limiter.acquire("a")
+
+
+def test_tokens_per_minute_charged_after_use() -> None:
+    clock = Clock()
+    limiter = TenantLimiter(TenantLimits(tokens_per_minute=100), {}, clock)
+    limiter.acquire("a")
+    limiter.release("a", 250)  # a big request may overdraw once...
+    with pytest.raises(RateLimited, match="tokens per minute"):
+        limiter.acquire("a")  # ...then waits until the debt is repaid
+    clock.now += 60 * 1.5
+    with pytest.raises(RateLimited):
+        limiter.acquire("a")
+    clock.now += 1
+    limiter.acquire("a")
+
+
+def test_concurrency_and_overrides() -> None:
+    limiter = TenantLimiter(TenantLimits(concurrent_requests=1), {"vip": TenantLimits(concurrent_requests=3)})
+    limiter.acquire("a")
+    with pytest.raises(RateLimited, match="in flight"):
+        limiter.acquire("a")
+    limiter.release("a", 0)
+    limiter.acquire("a")
+    for _ in range(3):
+        limiter.acquire("vip")
+    with pytest.raises(RateLimited):
+        limiter.acquire("vip")
+
+
+def test_unlimited_by_default() -> None:
+    limiter = TenantLimiter(TenantLimits(), {})
+    for _ in range(1000):
+        limiter.acquire("a")

@@ -1,0 +1,1 @@
+"""Per-tenant LoRA adapters: conversion and handling."""

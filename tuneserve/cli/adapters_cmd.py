@@ -1,0 +1,71 @@
+"""`tuneserve adapters`: add, list and remove tenants' LoRA adapters.
+
+Each command prints JSON on stdout (a record, or a list of them); a rejected adapter
+is a TuneserveError, which main() prints as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuneserve.cli.options import add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from tuneserve.adapters.registry import AdapterRegistry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("adapters", help="manage tenants' LoRA adapters")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        help="validate a PEFT LoRA adapter, convert it to GGUF and store it as the next version",
+        description="Validate a PEFT LoRA adapter (a directory, or a .tar.gz/.zip of one), "
+        "convert it to a GGUF LoRA for llama.cpp and store it as the tenant's next version "
+        "of NAME, which becomes current.",
+    )
+    add.add_argument("tenant", metavar="TENANT")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("path", metavar="PATH", type=Path, help="adapter dir, .tar.gz or .zip")
+    add_settings_arguments(add)
+    add.set_defaults(handler=run_add)
+
+    list_ = actions.add_parser("list", help="list current adapter versions (of one tenant)")
+    list_.add_argument("tenant", metavar="TENANT", nargs="?")
+    add_settings_arguments(list_)
+    list_.set_defaults(handler=run_list)
+
+    remove = actions.add_parser("remove", help="delete every version of a tenant's adapter")
+    remove.add_argument("tenant", metavar="TENANT")
+    remove.add_argument("name", metavar="NAME")
+    add_settings_arguments(remove)
+    remove.set_defaults(handler=run_remove)
+
+
+def _registry(args: argparse.Namespace) -> AdapterRegistry:
+    # Imported here: the registry pulls in gguf and numpy, which other commands skip.
+    from tuneserve.adapters.registry import AdapterRegistry
+
+    return AdapterRegistry(settings_from_args(args))
+
+
+def run_add(args: argparse.Namespace) -> int:
+    record = _registry(args).add(args.tenant, args.name, args.path)
+    print(record.model_dump_json(indent=2))
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    records = _registry(args).list(args.tenant)
+    print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    record = _registry(args).remove(args.tenant, args.name)
+    print(record.model_dump_json(indent=2))
+    return 0

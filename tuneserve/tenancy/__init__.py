@@ -1,0 +1,1 @@
+"""Tenants, their API keys, and authenticating the gateway's requests."""
