@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from serving.api.adapter_routes import register_adapter_routes
 from serving.api.generation import GenerationService
 from serving.engines.base import AdapterObserver, Engine
 from serving.engines.llamacpp import LlamaCppEngine
@@ -164,6 +165,8 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
                 }
             )
         return {"object": "list", "data": data}
+
+    register_adapter_routes(app, tenancy, engines)
 
     @app.get("/health")
     async def health() -> dict:

@@ -133,48 +133,64 @@ def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path
 
     tensors: list[tuple[str, np.ndarray, np.ndarray]] = []
     for module, (lora_a, lora_b) in pairs.items():
-        gguf_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
-        if gguf_name is None:
-            raise AdapterConversionError(
-                f"adapter tensor for module {module!r} has no llama.cpp counterpart in a "
-                f"{base.num_hidden_layers}-layer {base.architectures[0]} (wrong base model?)"
-            )
-        if gguf_name.startswith("token_embd."):
-            raise AdapterConversionError(f"LoRA on the token embeddings ({module}) is not supported")
-        if gguf_name.startswith("output.") and base.tie_word_embeddings:
-            raise AdapterConversionError(
-                f"the adapter trains {module}, but the base model ties it to the embeddings "
-                "and llama.cpp has no separate output weight to apply it to"
-            )
-        expected = base_shapes.get(f"{module}.weight") if base_shapes is not None else None
-        if base_shapes is not None and expected is None:
-            raise AdapterConversionError(
-                f"adapter module {module!r} is not a weight of the base model in {base_model_dir}"
-            )
-        if expected is not None and (lora_b.shape[0], lora_a.shape[1]) != tuple(expected):
-            raise AdapterConversionError(
-                f"adapter module {module!r} is {lora_b.shape[0]}x{lora_a.shape[1]} but the base "
-                f"weight is {expected[0]}x{expected[1]} (wrong base model?)"
-            )
+        gguf_name = _gguf_name(name_map, module, base)
+        _check_shape(module, lora_a, lora_b, base_shapes, base_model_dir)
 
         rank = lora_a.shape[0]
         pattern = _pattern_key(config.alpha_pattern, module)
         alpha = config.alpha_pattern[pattern] if pattern is not None else config.lora_alpha
-        wanted = _peft_scale(alpha, rank, config.use_rslora)
-        applied = gguf_alpha / rank
+        wanted, applied = _peft_scale(alpha, rank, config.use_rslora), gguf_alpha / rank
         if not math.isclose(wanted, applied, rel_tol=1e-6):
             lora_b = lora_b * np.float32(wanted / applied)
 
         if arch.permute_qk and module.endswith(("q_proj", "k_proj")):
-            heads = base.num_attention_heads if module.endswith("q_proj") else (
-                base.num_key_value_heads or base.num_attention_heads
-            )
+            kv_heads = base.num_key_value_heads or base.num_attention_heads
+            heads = base.num_attention_heads if module.endswith("q_proj") else kv_heads
             lora_b = _permute_rows(lora_b, heads, module)
 
         tensors.append((gguf_name, lora_a, lora_b))
 
     tensors.sort(key=lambda t: _natural_key(t[0]))
     _write_gguf(out_file, gguf.MODEL_ARCH_NAMES[arch.gguf_arch], gguf_alpha, tensors)
+
+
+def _gguf_name(name_map: gguf.TensorNameMap, module: str, base: _BaseConfig) -> str:
+    gguf_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
+    if gguf_name is None:
+        raise AdapterConversionError(
+            f"adapter module {module!r} has no llama.cpp counterpart in a "
+            f"{base.num_hidden_layers}-layer {base.architectures[0]} (wrong base model?)"
+        )
+    if gguf_name.startswith("token_embd."):
+        raise AdapterConversionError(f"LoRA on the token embeddings ({module}) is not supported")
+    if gguf_name.startswith("output.") and base.tie_word_embeddings:
+        raise AdapterConversionError(
+            f"the adapter trains {module}, but the base model ties it to the embeddings "
+            "and llama.cpp has no separate output weight to apply it to"
+        )
+    return gguf_name
+
+
+def _check_shape(
+    module: str,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    base_shapes: dict[str, list[int]] | None,
+    base_model_dir: Path,
+) -> None:
+    # llama.cpp would refuse a mismatch only when the adapter is loaded; say it now.
+    if base_shapes is None:
+        return
+    expected = base_shapes.get(f"{module}.weight")
+    if expected is None:
+        raise AdapterConversionError(
+            f"adapter module {module!r} is not a weight of the base model in {base_model_dir}"
+        )
+    if [lora_b.shape[0], lora_a.shape[1]] != list(expected):
+        raise AdapterConversionError(
+            f"adapter module {module!r} is {lora_b.shape[0]}x{lora_a.shape[1]} but the base "
+            f"weight is {'x'.join(map(str, expected))} (wrong base model?)"
+        )
 
 
 def _read_json(path: Path, what: str) -> Any:
