@@ -26,7 +26,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gguf
 import numpy as np
@@ -93,7 +93,7 @@ class _LoraConfig(BaseModel):
     r: int = Field(gt=0)
     lora_alpha: float
     use_rslora: bool = False
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    # No rank_pattern: each module's rank is read from its tensors, as llama.cpp does.
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
 
@@ -105,6 +105,9 @@ class _BaseConfig(BaseModel):
     num_attention_heads: int = Field(gt=0)
     num_key_value_heads: int | None = Field(default=None, gt=0)
     tie_word_embeddings: bool = False
+
+
+_Config = TypeVar("_Config", _LoraConfig, _BaseConfig)
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path) -> None:
@@ -226,12 +229,7 @@ def _read_adapter_config(adapter_dir: Path) -> _LoraConfig:
             "only fits that rewritten base; save it with PEFT's "
             "path_initial_model_for_weight_conversion to get a plain LoRA"
         )
-    try:
-        config = _LoraConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise AdapterConversionError(f"{path}: key '{where}': {first['msg']}") from None
+    config = _validate(_LoraConfig, raw, path)
     if config.lora_alpha == 0 or not math.isfinite(config.lora_alpha):
         # llama.cpp reads alpha 0 as "no alpha" and applies scale 1, not PEFT's 0.
         raise AdapterConversionError(f"{path}: lora_alpha must be a finite non-zero number")
@@ -240,9 +238,12 @@ def _read_adapter_config(adapter_dir: Path) -> _LoraConfig:
 
 def _read_base_config(base_model_dir: Path) -> _BaseConfig:
     path = base_model_dir / "config.json"
-    raw = _read_json(path, "not an HF model directory")
+    return _validate(_BaseConfig, _read_json(path, "not an HF model directory"), path)
+
+
+def _validate(model: type[_Config], raw: Any, path: Path) -> _Config:
     try:
-        return _BaseConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -310,7 +311,8 @@ def _base_weight_shapes(base_model_dir: Path) -> dict[str, list[int]] | None:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = _read_json(index, "base model index").get("weight_map", {})
+        weight_map = _read_json(index, "base model index")
+        weight_map = weight_map.get("weight_map", {}) if isinstance(weight_map, dict) else {}
         files = [base_model_dir / f for f in sorted(set(weight_map.values()))]
     else:
         return None
