@@ -85,12 +85,12 @@ def gateway(name: str, settings: dict[str, Any], env: dict[str, str] | None = No
     return ServerProcess(name, command, port, {"TUNESERVE_DATA_DIR": str(DATA_DIR), **(env or {})})
 
 
-def vllm_server(port: int | None = None) -> ServerProcess:
+def vllm_server(port: int | None = None, **vllm_settings: Any) -> ServerProcess:
     from serving.engines.vllm_launcher import vllm_command, vllm_env
     from tuneserve.config import VLLMConfig, VLLMLaunchConfig, load_settings
 
     settings = load_settings(environ={"TUNESERVE_DATA_DIR": str(DATA_DIR)})
     port = port or free_port()
-    vllm = VLLMConfig(launch=VLLMLaunchConfig(port=port, **TEST_VLLM_LAUNCH))
+    vllm = VLLMConfig(launch=VLLMLaunchConfig(port=port, **TEST_VLLM_LAUNCH), **vllm_settings)
     command = vllm_command(vllm, settings.resolved_hf_path(), settings.model.name, settings.model.max_model_len)
     return ServerProcess("vllm", command, port, vllm_env(vllm.launch))

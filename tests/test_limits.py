@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 
 from serving.limits import RateLimited, TenantLimiter
+from tests.clock import ManualClock
 from tuneserve.config import TenantLimits
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def test_requests_per_minute_bucket() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = TenantLimiter(TenantLimits(requests_per_minute=3), {}, clock)
     for _ in range(3):
         limiter.acquire("a")
@@ -32,7 +26,7 @@ def test_requests_per_minute_bucket() -> None:
 
 
 def test_tokens_per_minute_charged_after_use() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = TenantLimiter(TenantLimits(tokens_per_minute=100), {}, clock)
     limiter.acquire("a")
     limiter.release("a", 250)  # a big request may overdraw once...

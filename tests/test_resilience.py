@@ -5,20 +5,14 @@ from __future__ import annotations
 import httpx
 
 from serving.resilience import CircuitBreaker
+from tests.clock import ManualClock
 from tests.conftest import MODEL
 from tests.servers import free_port, gateway
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def test_breaker_opens_after_threshold_and_half_opens_after_timeout() -> None:
-    clock = Clock()
+    clock = ManualClock(0.0)
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=10, clock=clock)
     for _ in range(2):
         breaker.record_failure()
@@ -38,7 +32,7 @@ def test_breaker_opens_after_threshold_and_half_opens_after_timeout() -> None:
 
 
 def test_abandoned_trial_frees_the_slot() -> None:
-    clock = Clock()
+    clock = ManualClock(0.0)
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=1, clock=clock)
     breaker.record_failure()
     clock.now = 1

@@ -30,8 +30,9 @@ def cli(data_dir: Path, *args: str) -> str:
 
 
 class Env:
-    def __init__(self, server: ServerProcess, keys: dict[str, str], adapters: dict[str, Path]) -> None:
+    def __init__(self, server: ServerProcess, keys: dict[str, str], adapters: dict[str, Path], data_dir: Path) -> None:
         self.server = server
+        self.data_dir = data_dir
         self.keys = keys
         self.adapters = adapters
 
@@ -82,7 +83,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         env={"TUNESERVE_DATA_DIR": str(data_dir)},
     ).start()
     try:
-        yield Env(server, keys, adapters)
+        yield Env(server, keys, adapters, data_dir)
     finally:
         server.stop()
 
@@ -144,6 +145,12 @@ def test_isolation_matrix(env: Env) -> None:
     assert_error(env.chat("acme", "support"), 404, "model_not_found")
     assert env.chat("globex", "support").json()["choices"][0]["message"]["content"] == globex_text
     assert [m["id"] for m in env.get("acme", "/v1/models").json()["data"]] == [MODEL]
+
+    audit = [json.loads(line) for line in (env.data_dir / "audit.log").read_text().splitlines()]
+    actions = {(a["actor"], a["action"], a["target"], a["result"]) for a in audit}
+    assert ("tenant:acme", "adapter.add", "acme/support", "ok") in actions
+    assert ("tenant:acme", "adapter.delete", "acme/support", "ok") in actions
+    assert all(a["ts"].endswith(("Z", "+00:00")) for a in audit)
 
     samples = scrape(env.server.base_url)
     assert value(samples, "tuneserve_requests_total", tenant="globex", adapter="support", status="200") >= 2
