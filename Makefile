@@ -33,6 +33,7 @@ test: prepare
 bench: prepare
 	$(BIN)/python benchmarks/gateway_overhead.py
 	$(BIN)/python benchmarks/cpu_engine.py
+	$(BIN)/python benchmarks/adapters.py
 
 clean:
 	rm -rf $(VENV)
