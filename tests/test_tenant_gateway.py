@@ -79,6 +79,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "auth.enabled": "true",
             "auth.admin_key": ADMIN_KEY,
             "limits.per_tenant": json.dumps({"tiny": {"requests_per_minute": 2}}),
+            # One adapter per llama.cpp instance: switching tenants evicts and reloads.
+            "engines.llamacpp.max_loras": 1,
         },
         env={"TUNESERVE_DATA_DIR": str(data_dir)},
     ).start()
@@ -130,7 +132,9 @@ def test_isolation_matrix(env: Env) -> None:
     globex_text = globex.json()["choices"][0]["message"]["content"]
     assert acme_text != base_text and globex_text != base_text and acme_text != globex_text
     assert acme.json()["model"] == "support"
+    # acme's adapter was evicted for globex's; reloaded, it answers exactly as before.
     assert env.chat("admin", "acme/support").json()["choices"][0]["message"]["content"] == acme_text
+    assert value(scrape(env.server.base_url), "tuneserve_adapter_evictions_total", backend="llamacpp") >= 1
 
     # Another tenant's adapter is exactly a missing one: same status, type, code, param.
     foreign = assert_error(env.chat("globex", "acme/support"), 404, "model_not_found")
