@@ -46,6 +46,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 2: merge/export jobs (merge/jobs.py). pid + pid_start identify the process that
+    # runs a job, so a later command can tell a live job from one whose process died.
+    (
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            spec TEXT NOT NULL,
+            progress REAL NOT NULL DEFAULT 0,
+            stage TEXT NOT NULL DEFAULT '',
+            log TEXT NOT NULL DEFAULT '',
+            outputs TEXT NOT NULL DEFAULT '[]',
+            report TEXT NOT NULL DEFAULT '{}',
+            error TEXT,
+            pid INTEGER,
+            pid_start TEXT,
+            staging TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            heartbeat_at TEXT,
+            finished_at TEXT
+        )
+        """,
+        "CREATE INDEX jobs_status ON jobs (status, created_at)",
+    ),
 )
 
 
