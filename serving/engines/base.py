@@ -116,6 +116,10 @@ class Engine(abc.ABC):
     def queue_depth(self) -> int:
         return 0
 
+    def queue_capacity(self) -> int:
+        """Requests the engine's own queue holds before rejecting; 0 when it has none."""
+        return 0
+
     def loaded_adapters(self) -> int:
         return 0
 

@@ -308,6 +308,9 @@ class LlamaCppEngine(Engine):
     def queue_depth(self) -> int:
         return max(0, self._in_engine - len(self._workers))
 
+    def queue_capacity(self) -> int:
+        return self.queue_size
+
     def loaded_adapters(self) -> int:
         return len(frozenset().union(*(w.adapters.loaded_names for w in self._workers)))
 

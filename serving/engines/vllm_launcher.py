@@ -76,7 +76,6 @@ def vllm_command(vllm: VLLMConfig, model_path: Path, served_name: str, max_model
         # Sampling defaults come from the request, as on llama.cpp, not generation_config.json.
         "--generation-config",
         "vllm",
-        "--disable-log-stats",
         *lora,
         *config.extra_args,
     ]
@@ -87,6 +86,9 @@ def vllm_env(config: VLLMLaunchConfig) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
     env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Stats stay on: without them vLLM exports none of its vllm:* Prometheus metrics
+    # (--disable-log-stats turns off both); a long interval keeps its log quiet.
+    env.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
     return env
 
 
