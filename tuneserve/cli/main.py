@@ -8,17 +8,13 @@ import sys
 from typing import Callable, Sequence
 
 from tuneserve import __version__
-from tuneserve.cli import adapters_cmd, models_cmd, serve_cmd, tenants_cmd
+from tuneserve.cli import adapters_cmd, eval_cmd, models_cmd, serve_cmd, tenants_cmd, train_cmd
+from tuneserve.cli import export_cmd, jobs_cmd, merge_cmd
 from tuneserve.errors import TuneserveError
 
 # Commands whose issues are still open register here so `--help` shows the whole
 # tool; each says plainly that it is not available yet instead of pretending.
 PLANNED = {
-    "train": "fine-tune a QLoRA adapter from chat data",
-    "eval": "evaluate a base model and adapters",
-    "merge": "run a mergekit merge job",
-    "export": "export a model or adapter to GGUF",
-    "jobs": "list, show and cancel merge/export jobs",
 }
 
 
@@ -38,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.register(sub)
     tenants_cmd.register(sub)
     adapters_cmd.register(sub)
+    merge_cmd.register(sub)
+    export_cmd.register(sub)
+    jobs_cmd.register(sub)
+    train_cmd.register(sub)
+    eval_cmd.register(sub)
     for name, summary in PLANNED.items():
         planned = sub.add_parser(name, help=f"{summary} (not available yet)")
         planned.set_defaults(handler=_planned(name))

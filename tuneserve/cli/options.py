@@ -38,3 +38,27 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     keys = {key for key, _ in iter_fields()}
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in keys}
     return load_settings(getattr(args, "config", None), overrides)
+
+
+def add_model_arguments(group: argparse._ArgumentGroup, model: type[Any]) -> list[str]:
+    """One --dotted.key flag per leaf field of a pydantic config model (no env vars);
+    returns the keys, for collecting the given flags back into overrides."""
+    keys = []
+    for key, info in iter_fields(model):
+        default = info.default
+        if default is PydanticUndefined and info.default_factory is not None:
+            default = info.default_factory()
+        type_name = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+        # A bare boolean flag (--resume) means true; --resume false also parses.
+        boolean = {"nargs": "?", "const": True} if info.annotation is bool else {}
+        group.add_argument(
+            f"--{key}",
+            dest=key,
+            metavar=type_name.upper() if type_name else "VALUE",
+            type=parse_scalar,
+            default=argparse.SUPPRESS,
+            help=f"{info.description or ''} [default: {default!r}]".replace("%", "%%"),
+            **boolean,
+        )
+        keys.append(key)
+    return keys

@@ -1,0 +1,204 @@
+"""`tuneserve train` configuration: one YAML file, every key also a `--dotted.key` flag.
+
+Paths are taken relative to the working directory (flags and YAML alike), so a
+config and the flags that override it mean the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneserve.config import _deep_merge, _read_yaml, _set_dotted, format_validation_error
+from tuneserve.errors import ConfigError
+from tuneserve.names import is_valid_name
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: list[Path] = Field(
+        default_factory=list,
+        description="Training JSONL file(s): chat `messages` (optional `tools`), alpaca "
+        "(instruction/input/output) or `text` lines; DPO: prompt/chosen/rejected.",
+    )
+    eval: list[Path] = Field(
+        default_factory=list,
+        description="Eval JSONL file(s). Default: data.eval_ratio of the training examples.",
+    )
+    eval_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Share of the training examples held out for eval when data.eval is empty."
+    )
+    max_length: int = Field(
+        1024, ge=16, description="Tokens per example; longer ones are truncated (and counted)."
+    )
+    assistant_only_loss: bool = Field(
+        True, description="Train on assistant tokens only (false: on every token)."
+    )
+    packing: bool = Field(
+        False, description="Concatenate examples into max_length sequences (fewer pad tokens)."
+    )
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class ReplayConfig(_Section):
+    path: Path | None = Field(
+        None, description="General-data JSONL mixed into training against forgetting (any SFT format)."
+    )
+    ratio: float = Field(
+        0.15, ge=0, le=0.5, description="Share of the training mix drawn from replay.path (0.1-0.2 advised)."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=512, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear', a list of names ([q_proj, v_proj]) or a regex.",
+    )
+    use_dora: bool = Field(
+        False, description="Weight-decomposed LoRA (DoRA). The gateway's registry serves plain LoRA only."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class QuantizationConfig(_Section):
+    enabled: bool = Field(
+        True, description="QLoRA: load the base in 4 bits with bitsandbytes (false: plain LoRA on the full-precision base)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the 4-bit layers' matmuls."
+    )
+
+
+class OptimConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1: derived from epochs.")
+    batch_size: int = Field(4, ge=1, description="Examples per device step.")
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward: less memory, ~30% more compute."
+    )
+    seed: int = Field(42, description="Seed for init, data split, replay mix and data order.")
+
+
+class RunConfig(_Section):
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (oldest removed).")
+    eval_steps: int = Field(50, ge=1, description="Evaluate every N optimizer steps.")
+    logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evals without eval_loss improving (null: off)."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="Smallest eval_loss improvement that counts."
+    )
+    tensorboard: bool = Field(True, description="Write TensorBoard logs to <output_dir>/tensorboard.")
+    progress_bar: bool = Field(True, description="Show a progress bar.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch (null: torch's default, all cores). On a shared "
+        "machine 1 can be several times faster than oversubscribed OpenMP threads.",
+    )
+
+
+class DPOConfig(_Section):
+    sft_adapter: Path | None = Field(
+        None, description="SFT adapter to start from (method: dpo); it is also the reference policy."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference.")
+
+
+class TrainConfig(_Section):
+    method: Literal["sft", "dpo"] = Field("sft", description="sft: supervised fine-tuning; dpo: preference tuning.")
+    base_model: str | None = Field(
+        None,
+        description="Base model: a local HF dir or a hub id. Default: the prepared model's hf dir "
+        "(model.hf_path of the gateway settings).",
+    )
+    output_dir: Path | None = Field(
+        None, description="Run dir: adapter/, checkpoints/, tensorboard/, training_report.json (required)."
+    )
+    resume: bool = Field(
+        False, description="Continue from the last checkpoint in output_dir (step, optimizer, data order)."
+    )
+    publish: str | None = Field(
+        None, description="TENANT/NAME: register the adapter in the gateway's adapter store when done."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+    @field_validator("publish")
+    @classmethod
+    def _tenant_slash_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split("/")
+        if len(parts) != 2 or not all(is_valid_name(p) for p in parts):
+            raise ValueError("must be TENANT/NAME, each [a-z0-9][a-z0-9._-]* without '--'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.output_dir is None:
+            raise ValueError("output_dir is required")
+        if not self.data.train:
+            raise ValueError("data.train: give at least one training JSONL file")
+        if self.run.early_stopping_patience is not None:
+            if self.run.save_steps % self.run.eval_steps:
+                raise ValueError(
+                    "run.save_steps must be a multiple of run.eval_steps when early stopping is on "
+                    "(the best checkpoint is the one kept)"
+                )
+        if self.method == "dpo" and self.dpo.sft_adapter is None:
+            raise ValueError("dpo.sft_adapter: DPO starts from an SFT adapter; give its dir")
+        if self.method == "dpo" and self.replay.path is not None:
+            raise ValueError("replay.path: replay mixes SFT data and applies to method sft only")
+        return self
+
+    def publish_target(self) -> tuple[str, str] | None:
+        if self.publish is None:
+            return None
+        tenant, name = self.publish.split("/")
+        return tenant, name
+
+
+def load_train_config(path: Path | str | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) < flags; raise ConfigError naming each bad key."""
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    flag_tree: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(flag_tree, key, value)
+    tree = _deep_merge(tree, flag_tree)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        message = format_validation_error(exc, str(path or "train config"))
+        # pydantic prefixes model-level errors with "Value error, "; the rest already names the key.
+        raise ConfigError(re.sub(r"key '\(root\)': Value error, ", "", message)) from exc

@@ -1,0 +1,63 @@
+"""`tuneserve train CONFIG.yaml`: fine-tune a (Q)LoRA adapter; every key is also a flag.
+
+The gateway settings (data_dir, model paths, adapter limits) come from
+TUNESERVE_CONFIG / TUNESERVE_* as for every command: they give the default base
+model and the adapter store that --publish writes to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tuneserve.cli.options import add_model_arguments
+
+EXIT_INTERRUPTED = 130
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from training.config import TrainConfig
+
+    parser = sub.add_parser(
+        "train",
+        help="fine-tune a QLoRA/LoRA adapter from chat data (or DPO from an SFT adapter)",
+        description="Fine-tune a LoRA adapter. Data is validated before anything trains; the run "
+        "dir gets adapter/ (PEFT), checkpoints/, tensorboard/ and training_report.json. "
+        "Ctrl-C saves a checkpoint and stops; --resume continues it.",
+    )
+    parser.add_argument("config", metavar="CONFIG.yaml", nargs="?", type=Path, help="training config (YAML)")
+    group = parser.add_argument_group(
+        "training config", "every key of CONFIG.yaml, as --dotted.key VALUE (values parse as YAML; flags win)"
+    )
+    keys = add_model_arguments(group, TrainConfig)
+    parser.set_defaults(handler=run, train_keys=keys)
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.config import load_train_config
+    from training.trainer import run_training
+    from tuneserve.config import load_settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in set(args.train_keys)}
+    config = load_train_config(args.config, overrides)
+    result = run_training(config, load_settings())
+    report = result.report
+    summary = {
+        "status": report["status"],
+        "steps": report["steps"],
+        "final_loss": report["loss_curve"][-1]["loss"] if report["loss_curve"] else None,
+        "eval_perplexity": report["eval_perplexity"],
+        "tokens_per_s": report["tokens_per_s"],
+        "adapter_dir": report["adapter_dir"],
+        "published": report["published"]["engine_name"] if report["published"] else None,
+    }
+    print(json.dumps(summary, indent=2))
+    if result.interrupted:
+        print(
+            f"tuneserve train: interrupted at step {report['steps']}; continue with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    return 0
