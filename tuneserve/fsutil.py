@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from tuneserve.errors import TuneserveError
+
 
 @contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
@@ -27,3 +29,20 @@ def staged_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class InsufficientDiskSpace(TuneserveError):
+    pass
+
+
+def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
+    """Fail before a large write that would not fit, instead of halfway through it."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise InsufficientDiskSpace(
+            f"{what} needs about {needed_bytes / 2**30:.2f} GiB in {directory}, "
+            f"but only {free / 2**30:.2f} GiB is free"
+        )

@@ -1,0 +1,268 @@
+"""Quality gate: does an exported GGUF (optionally with a GGUF LoRA) still behave like
+the HF model (optionally with its PEFT adapter) it was made from?
+
+Two measurements against the HF reference in float32 (transformers, +PEFT):
+
+- **Perplexity** of a held-out text: `ppl(candidate) / ppl(reference)` must stay at or
+  under `max_perplexity_ratio`.
+- **Greedy agreement** on N chat prompts: the reference's greedy continuation is fed to
+  llama.cpp token by token (the decode path serving uses), and the share of positions
+  where llama.cpp's top-1 next token equals the reference's must reach
+  `min_token_agreement`.
+
+Why per-token and not "the whole greedy answer is identical": on a small model a
+single near-tie flips the rest of the answer. Measured on SmolLM2-135M on this CPU:
+Q8_0 agrees with f16 on ~96% of next tokens and its perplexity is within 1%, yet the
+first token of "What is the capital of France?" flips ("The" -> "L'") and whole-string
+equality reports 1 of 4 prompts. Whole-answer matches are still measured and reported
+(`greedy_exact_matches`), they just do not decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneserve.errors import TuneserveError
+
+HELD_OUT_TEXT = """\
+The river begins high in the mountains, where snow melts each spring and runs down \
+through narrow valleys. Farmers along its banks have grown wheat and barley for \
+centuries, and the small towns that line the water still hold markets every week. In \
+the summer, children swim in the shallow bends while their parents fish from wooden \
+boats. The water is cold and clear, and on a calm morning you can see the stones on the \
+bottom.
+Scientists measure the flow of the river every day. They have found that it carries \
+less water than it did fifty years ago, because the glaciers that feed it are \
+shrinking. The towns have begun to plan for drier years: they store water in new \
+reservoirs, repair old canals, and teach farmers to use drip irrigation.
+Question: What is the capital of France? Answer: The capital of France is Paris. \
+Question: How many days are in a week? Answer: There are seven days in a week.
+"""
+
+GATE_PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 2 plus 2?",
+    "Write one sentence about the sea.",
+    "Give me a synonym for happy.",
+    "What color is the sky?",
+    "Translate 'hello' to Spanish.",
+    "Who wrote Romeo and Juliet?",
+)
+
+
+class QualityGateFailed(TuneserveError):
+    """The exported model does not behave like its reference; nothing was published."""
+
+    def __init__(self, message: str, report: "GateReport") -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class GateConfig(BaseModel):
+    """Thresholds and inputs of the gate; every export job carries one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Near-lossless bar: Q8_0/Q6_K/bf16 of the tiny model measure <= 1.01 here, Q4_K_M
+    # 1.08 and Q5_K_M 1.13 (see README, "Quality gate").
+    max_perplexity_ratio: float = Field(1.05, ge=1.0)
+    min_token_agreement: float = Field(0.90, ge=0.0, le=1.0)
+    prompts: list[str] = Field(default_factory=lambda: list(GATE_PROMPTS), min_length=1)
+    max_new_tokens: int = Field(24, ge=1, le=256)
+    text_file: Path | None = None  # held-out text; default: HELD_OUT_TEXT
+    max_text_tokens: int = Field(512, ge=16)
+
+
+class GateReport(BaseModel):
+    passed: bool
+    failures: list[str]
+    reference_perplexity: float
+    candidate_perplexity: float
+    perplexity_ratio: float
+    text_top1_agreement: float
+    token_agreement: float
+    greedy_exact_matches: int
+    prompts: int
+    text_tokens: int
+    continuation_tokens: int
+    thresholds: dict[str, float]
+
+
+def _log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+class ReferenceRun(BaseModel):
+    """What the HF reference produced; cached, since every export of one model shares it."""
+
+    text_ids: list[int]
+    text_logprobs: list[float]  # log p(text_ids[i+1] | text_ids[:i+1])
+    text_argmax: list[int]
+    prompts: list[list[int]]
+    continuations: list[list[int]]  # greedy, ending with EOS when the model stopped
+
+
+def _reference_run(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -> ReferenceRun:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.prompting import ChatTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    text = config.text_file.read_text() if config.text_file else HELD_OUT_TEXT
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: config.max_text_tokens]
+    if len(text_ids) < 16:
+        raise TuneserveError(f"gate.text_file: {config.text_file} has fewer than 16 tokens")
+    template = ChatTemplate.from_hf_dir(hf_dir)
+    prompts = [
+        tokenizer(template.render([{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
+        for p in config.prompts
+    ]
+    eos = tokenizer.eos_token_id
+    continuations = []
+    with torch.no_grad():
+        log_probs = _log_softmax(model(input_ids=torch.tensor([text_ids])).logits[0].float().numpy())
+        for prompt in prompts:
+            out = model.generate(
+                input_ids=torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+            continuation = out[0, len(prompt) :].tolist()
+            if eos in continuation:
+                continuation = continuation[: continuation.index(eos) + 1]
+            continuations.append(continuation)
+    return ReferenceRun(
+        text_ids=text_ids,
+        text_logprobs=log_probs[np.arange(len(text_ids) - 1), text_ids[1:]].tolist(),
+        text_argmax=log_probs.argmax(-1).tolist(),
+        prompts=prompts,
+        continuations=continuations,
+    )
+
+
+def _cache_key(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -> str:
+    digest = hashlib.sha256(b"gate-reference-v1")
+    for directory in (hf_dir, adapter_dir):
+        if directory is None:
+            continue
+        for file in sorted(directory.iterdir()):
+            if file.is_file() and file.suffix in (".json", ".safetensors", ".jinja"):
+                stat = file.stat()
+                digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    text = config.text_file.read_text() if config.text_file else HELD_OUT_TEXT
+    digest.update(json.dumps([text, config.prompts, config.max_new_tokens, config.max_text_tokens]).encode())
+    return digest.hexdigest()[:32]
+
+
+def reference_run(
+    hf_dir: Path, adapter_dir: Path | None, config: GateConfig, cache_dir: Path | None
+) -> ReferenceRun:
+    if cache_dir is None:
+        return _reference_run(hf_dir, adapter_dir, config)
+    cached = cache_dir / f"{_cache_key(hf_dir, adapter_dir, config)}.json"
+    if cached.is_file():
+        return ReferenceRun.model_validate_json(cached.read_text())
+    run = _reference_run(hf_dir, adapter_dir, config)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(run.model_dump_json())
+    os.replace(tmp, cached)
+    return run
+
+
+def run_gate(
+    candidate_gguf: Path,
+    reference_hf: Path,
+    config: GateConfig,
+    *,
+    candidate_lora: Path | None = None,
+    reference_adapter: Path | None = None,
+    cache_dir: Path | None = None,
+) -> GateReport:
+    """Measure `candidate_gguf` (+ `candidate_lora`) against `reference_hf` (+ adapter).
+
+    `cache_dir` keeps the reference's outputs (keyed on its files and the gate inputs)."""
+    import numpy as np
+
+    from tuneserve.models.agreement import teacher_forced_logits
+
+    ref = reference_run(reference_hf, reference_adapter, config, cache_dir)
+    sequences = [p + c for p, c in zip(ref.prompts, ref.continuations)]
+    candidate = teacher_forced_logits(
+        candidate_gguf,
+        [ref.text_ids, *sequences],
+        lora=candidate_lora,
+        decode_from=[len(ref.text_ids), *(len(p) for p in ref.prompts)],
+    )
+    text_ids = ref.text_ids
+    cand_text = _log_softmax(candidate[0])
+    cand_logprobs = cand_text[np.arange(len(text_ids) - 1), text_ids[1:]]
+    ref_ppl = float(math.exp(-float(np.mean(ref.text_logprobs))))
+    cand_ppl = float(math.exp(-float(np.mean(cand_logprobs))))
+    text_top1 = float((np.array(ref.text_argmax) == cand_text.argmax(-1)).mean())
+
+    agree = total = exact = 0
+    for prompt, continuation, logits in zip(ref.prompts, ref.continuations, candidate[1:]):
+        # logits[j] predicts token j+1: the continuation is predicted from len(prompt)-1 on.
+        predicted = logits[len(prompt) - 1 : len(prompt) - 1 + len(continuation)].argmax(-1)
+        hits = predicted == np.array(continuation)
+        agree += int(hits.sum())
+        total += len(continuation)
+        # Agreeing at every step of the reference's path is exactly what makes a free
+        # greedy run on the candidate reproduce the reference's answer.
+        exact += bool(hits.all())
+    token_agreement = agree / total if total else 1.0
+
+    ratio = cand_ppl / ref_ppl
+    failures = []
+    if not math.isfinite(ratio) or ratio > config.max_perplexity_ratio:
+        failures.append(
+            f"perplexity {cand_ppl:.3f} is {ratio:.3f}x the HF reference's {ref_ppl:.3f} "
+            f"(gate.max_perplexity_ratio: {config.max_perplexity_ratio})"
+        )
+    if token_agreement < config.min_token_agreement:
+        failures.append(
+            f"greedy next-token agreement with the HF reference is {token_agreement:.1%} "
+            f"over {total} tokens of {len(ref.prompts)} prompts "
+            f"(gate.min_token_agreement: {config.min_token_agreement:.0%})"
+        )
+    return GateReport(
+        passed=not failures,
+        failures=failures,
+        reference_perplexity=ref_ppl,
+        candidate_perplexity=cand_ppl,
+        perplexity_ratio=ratio if math.isfinite(ratio) else float("inf"),
+        text_top1_agreement=text_top1,
+        token_agreement=token_agreement,
+        greedy_exact_matches=exact,
+        prompts=len(ref.prompts),
+        text_tokens=len(text_ids),
+        continuation_tokens=total,
+        thresholds={
+            "max_perplexity_ratio": config.max_perplexity_ratio,
+            "min_token_agreement": config.min_token_agreement,
+        },
+    )
