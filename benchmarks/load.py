@@ -1,0 +1,247 @@
+"""Load and soak: N concurrent streaming clients for a bounded time, mixing tenants and
+their adapters with the base model, through a gateway this script starts (auth on,
+tenants created with the CLI, adapters uploaded through the API).
+
+Reports errors, end-to-end p50/p99, TTFT p50/p99 and tokens/s, and the gateway's RSS
+sampled over the run: start (after warm-up), end, max and the least-squares slope.
+Goal: RSS stays flat over a 10-minute soak (end within 5% of start after warm-up).
+Writes benchmarks/results/load-<engine>.json.
+
+    python benchmarks/load.py                       # llama.cpp, 8 clients, 10 minutes
+    python benchmarks/load.py --engine vllm --duration-s 120
+    python benchmarks/load.py --dashboard-png docs/dashboard.png   # + Prometheus, drawn dashboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from common import summary_ms, write_result  # noqa: E402  (sets sys.path)
+from tests.adapter_factory import make_adapter, tar_gz_bytes
+from tests.conftest import MODEL
+from tests.prometheus import Prometheus, host
+from tests.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+
+MODEL_DIR = DATA_DIR / "models" / MODEL
+ADMIN_KEY = "load-benchmark-admin-key-0123456789"
+PROMPTS = (
+    "Write one sentence about the sea.",
+    "Name three primary colors.",
+    "What is the capital of France?",
+    "Give me a tip for learning to cook.",
+)
+RSS_FLAT_GOAL = 0.05
+
+
+def cli(data_dir: Path, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "tuneserve.cli.main", *args],
+        capture_output=True, text=True, check=True, env={"TUNESERVE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
+    )
+    return out.stdout.strip()
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latency: list[float] = []
+        self.ttft: list[float] = []
+        self.tokens = 0
+        self.statuses: dict[str, int] = {}
+        self.by_model: dict[str, int] = {}
+
+    def count(self, status: str) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+async def stream_chat(client: httpx.AsyncClient, key: str, model: str, prompt: str, max_tokens: int, stats: Stats) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                stats.count(str(r.status_code))
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    stats.count("stream_error")
+                    return
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if first is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+                    first = time.perf_counter() - start
+    except httpx.HTTPError as exc:
+        stats.count(type(exc).__name__)
+        return
+    stats.count("200")
+    stats.latency.append(time.perf_counter() - start)
+    if first is not None:
+        stats.ttft.append(first)
+    stats.tokens += tokens
+    stats.by_model[model] = stats.by_model.get(model, 0) + 1
+
+
+async def client_loop(index: int, base_url: str, mix: list[tuple[str, str]], deadline: float, max_tokens: int, stats: Stats) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        i = index
+        while time.monotonic() < deadline:
+            key, model = mix[i % len(mix)]
+            await stream_chat(client, key, model, PROMPTS[i % len(PROMPTS)], max_tokens, stats)
+            i += 1
+
+
+async def sample_rss(pid: int, deadline: float, every_s: float, samples: list[tuple[float, float]], t0: float) -> None:
+    process = psutil.Process(pid)
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic() - t0, process.memory_info().rss / 2**20))
+        await asyncio.sleep(every_s)
+    samples.append((time.monotonic() - t0, process.memory_info().rss / 2**20))
+
+
+def rss_summary(samples: list[tuple[float, float]], warmup_s: float) -> dict[str, Any]:
+    steady = [(t, m) for t, m in samples if t >= warmup_s] or samples
+    ts, ms = [t for t, _ in steady], [m for _, m in steady]
+    slope = statistics.linear_regression(ts, ms).slope * 60 if len(steady) > 1 else 0.0
+    start, end = ms[0], ms[-1]
+    return {
+        "warmup_s": warmup_s,
+        "start_mib": round(start, 1),
+        "end_mib": round(end, 1),
+        "max_mib": round(max(ms), 1),
+        "growth": round((end - start) / start, 4),
+        "slope_mib_per_min": round(slope, 3),
+        "flat": abs(end - start) / start <= RSS_FLAT_GOAL,
+        "samples": [[round(t, 1), round(m, 1)] for t, m in samples],
+    }
+
+
+async def drive(base_url: str, pid: int, mix: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    stats = Stats()
+    samples: list[tuple[float, float]] = []
+    t0 = time.monotonic()
+    deadline = t0 + args.duration_s
+    await asyncio.gather(
+        sample_rss(pid, deadline, args.rss_every_s, samples, t0),
+        *(client_loop(i, base_url, mix, deadline, args.max_tokens, stats) for i in range(args.clients)),
+    )
+    elapsed = time.monotonic() - t0
+    ok = stats.statuses.get("200", 0)
+    return {
+        "requests": sum(stats.statuses.values()),
+        "ok": ok,
+        "errors": {k: v for k, v in stats.statuses.items() if k != "200"},
+        "error_rate": round(1 - ok / max(1, sum(stats.statuses.values())), 4),
+        "latency": summary_ms(stats.latency) if stats.latency else None,
+        "ttft": summary_ms(stats.ttft) if stats.ttft else None,
+        "tokens_per_s": round(stats.tokens / elapsed, 2),
+        "requests_per_s": round(ok / elapsed, 3),
+        "requests_by_model": stats.by_model,
+        "elapsed_s": round(elapsed, 1),
+        "gateway_rss": rss_summary(samples, args.warmup_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["llamacpp", "vllm"], default="llamacpp")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration-s", type=float, default=600)
+    parser.add_argument("--warmup-s", type=float, default=60, help="RSS start is taken after this")
+    parser.add_argument("--tenants", type=int, default=2)
+    parser.add_argument("--adapters-per-tenant", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rss-every-s", type=float, default=5)
+    parser.add_argument("--dashboard-png", type=Path, help="scrape with Prometheus and draw the dashboard here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tuneserve-load-") as tmp:
+        work = Path(tmp)
+        data_dir = work / "data"
+        data_dir.mkdir()
+        tenants = {f"tenant{i}": cli(data_dir, "tenants", "create", f"tenant{i}") for i in range(args.tenants)}
+        settings: dict[str, Any] = {
+            "data_dir": data_dir,
+            "model.hf_path": MODEL_DIR / "hf",
+            "model.gguf_path": MODEL_DIR / "model.gguf",
+            "auth.enabled": "true",
+            "auth.admin_key": ADMIN_KEY,
+        }
+        vllm: ServerProcess | None = None
+        if args.engine == "vllm":
+            vllm = vllm_server().start(timeout_s=600)
+            settings |= {"engines.vllm.enabled": "true", "engines.vllm.url": vllm.base_url}
+        server = gateway("gw-load", settings, env={"TUNESERVE_DATA_DIR": str(data_dir)}).start(ready_path="/ready")
+        prometheus: Prometheus | None = None
+        try:
+            if args.dashboard_png:
+                (work / "prom").mkdir()
+                targets = {"gateway": [host(server)], **({"vllm": [host(vllm)]} if vllm else {})}
+                prometheus = Prometheus(work / "prom", targets, interval="2s").start()
+            started = time.time()
+            mix: list[tuple[str, str]] = []
+            for t, (tenant, key) in enumerate(tenants.items()):
+                mix.append((key, MODEL))
+                for a in range(args.adapters_per_tenant):
+                    name = f"a{a}"
+                    make_adapter(work / tenant / name, seed=1000 + 10 * t + a)
+                    r = httpx.post(
+                        server.base_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"},
+                        data={"name": name}, files={"file": ("a.tar.gz", tar_gz_bytes(work / tenant / name), "application/gzip")},
+                        timeout=300,
+                    )
+                    r.raise_for_status()
+                    mix.append((key, name))
+            assert server.process is not None
+            result = asyncio.run(drive(server.base_url, server.process.pid, mix, args))
+            if prometheus is not None:
+                from scripts.dashboard_png import render
+
+                time.sleep(5)
+                render(prometheus.url, args.dashboard_png, started, time.time(), title=(
+                    f"tuneserve dashboard, benchmarks/load.py: {args.clients} streaming clients, {args.engine}, "
+                    f"{args.tenants} tenants x (base + {args.adapters_per_tenant} adapters), {args.duration_s:.0f} s"
+                ))
+                result["dashboard_png"] = str(args.dashboard_png)
+        finally:
+            if prometheus is not None:
+                prometheus.stop()
+            server.stop()
+            if vllm is not None:
+                vllm.stop()
+    write_result(
+        f"load-{args.engine}",
+        {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "mix": f"{args.tenants} tenants x (base + {args.adapters_per_tenant} adapters), round-robin per client",
+            "goal": f"gateway RSS end within {RSS_FLAT_GOAL:.0%} of its start after warm-up",
+            **result,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
