@@ -275,6 +275,11 @@ def test_promtool_checks_rules_and_config() -> None:
     run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
 
 
+def test_alert_thresholds_and_durations_on_synthetic_series() -> None:
+    """promtool evaluates alerts.yml over time: fires past threshold and `for`, not before."""
+    assert "SUCCESS" in run("promtool", "test", "rules", "alerts_test.yml", cwd=DEPLOY / "prometheus")
+
+
 def test_dashboard_json_is_generated_from_dashboard_py() -> None:
     spec = importlib.util.spec_from_file_location("dashboard", DEPLOY / "grafana" / "dashboard.py")
     module = importlib.util.module_from_spec(spec)
