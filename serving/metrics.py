@@ -173,9 +173,11 @@ class RequestTimer:
         self.backend = backend
         self.metrics.in_flight.labels(backend).inc()
 
-    def on_tokens(self, count: int) -> None:
-        now = time.perf_counter()
+    def on_tokens(self, count: int, timed: bool = True) -> None:
         self.tokens_seen += count
+        if not timed:
+            return
+        now = time.perf_counter()
         if self._last_token_at is None:
             self.metrics.ttft.labels(*self._labels()).observe(now - self.start)
         elif count > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -77,14 +78,28 @@ def test_kill_vllm_falls_back_then_recovers(launched: ServerProcess) -> None:
         model=MODEL, messages=LONG, max_tokens=1500, temperature=0, stream=True
     )
     received = []
-    with pytest.raises(openai.APIError) as info:
+    whole: concurrent.futures.Future[httpx.Response] | None = None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(openai.APIError) as info:
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
+            if len(received) == 1 and whole is None:
+                whole = pool.submit(
+                    httpx.post,
+                    launched.base_url + "/v1/chat/completions",
+                    json={"model": MODEL, "messages": LONG, "max_tokens": 64, "temperature": 0},
+                    timeout=120,
+                )
             if len(received) == 3:
                 os.killpg(pid, signal.SIGKILL)  # vLLM and its engine processes crash
     assert len(received) >= 3
     assert "vLLM" in str(info.value)
+    # A non-streamed request in flight has sent the client nothing yet: llama.cpp answers it.
+    assert whole is not None
+    response = whole.result()
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tuneserve-backend"] == "llamacpp"
+    assert response.json()["usage"]["completion_tokens"] > 0
 
     # Requests not yet started are answered by llama.cpp, with no error.
     before = scrape(launched.base_url)

@@ -10,7 +10,8 @@ from serving.engines.base import GenerationRequest, SamplingParams
 from serving.engines.llamacpp import prompt_tokens
 from serving.prompting import ChatTemplate
 from tests.conftest import MODEL
-from tests.servers import DATA_DIR, ServerProcess
+from tests.metrics_util import scrape, value
+from tests.servers import DATA_DIR, ServerProcess, gateway
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -59,6 +60,52 @@ def test_streaming_through_vllm_with_usage(vllm_gateway: ServerProcess) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert completion.usage.completion_tokens <= 5
+
+
+def _timing_counts(server: ServerProcess) -> tuple[float, float, float]:
+    samples = scrape(server.base_url)
+    labels = dict(backend="vllm", model=MODEL)
+    return (
+        value(samples, "tuneserve_time_to_first_token_seconds_count", **labels),
+        value(samples, "tuneserve_request_duration_seconds_count", **labels),
+        value(samples, "tuneserve_completion_tokens_total", **labels),
+    )
+
+
+def _chat(server: ServerProcess, stream: bool) -> httpx.Response:
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 8, "temperature": 0, "stream": stream},
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.headers["x-tuneserve-backend"] == "vllm", r.text
+    return r
+
+
+def test_ttft_is_measured_on_streamed_vllm_requests(vllm_gateway: ServerProcess) -> None:
+    """A non-streamed request is fetched whole from vLLM: counted, but no TTFT claimed."""
+    ttft0, done0, tokens0 = _timing_counts(vllm_gateway)
+    whole = _chat(vllm_gateway, stream=False).json()
+    ttft1, done1, tokens1 = _timing_counts(vllm_gateway)
+    assert (ttft1, done1, tokens1) == (ttft0, done0 + 1, tokens0 + whole["usage"]["completion_tokens"])
+    _chat(vllm_gateway, stream=True)
+    ttft2, done2, _ = _timing_counts(vllm_gateway)
+    assert (ttft2, done2) == (ttft1 + 1, done1 + 1)
+
+
+def test_always_stream_measures_ttft_for_every_request(vllm: ServerProcess) -> None:
+    server = gateway(
+        "gw-always-stream",
+        {"engines.vllm.enabled": "true", "engines.vllm.url": vllm.base_url, "engines.vllm.always_stream": "true"},
+    ).start(ready_path="/ready")
+    try:
+        ttft0, _, _ = _timing_counts(server)
+        text = _chat(server, stream=False).json()["choices"][0]["message"]["content"]
+        ttft1, _, _ = _timing_counts(server)
+        assert ttft1 == ttft0 + 1
+        assert "Paris" in text
+    finally:
+        server.stop()
 
 
 def test_vllm_rejections_are_client_errors(vllm_gateway: ServerProcess) -> None:

@@ -138,6 +138,18 @@ class VLLMConfig(_Section):
         gt=0,
         description="Time to wait for vLLM's first byte before falling back to llama.cpp.",
     )
+    response_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Time to wait for vLLM's whole answer to a non-streamed request "
+        "before falling back to llama.cpp.",
+    )
+    always_stream: bool = Field(
+        False,
+        description="Stream from vLLM even when the client does not, so TTFT and "
+        "inter-token latency are measured for every request. Off: a non-streamed request "
+        "is fetched whole, which costs vLLM less CPU per request.",
+    )
     health_interval_s: float = Field(2.0, gt=0, description="Seconds between vLLM health probes.")
     max_connections: int = Field(256, ge=1, description="HTTP connection pool size to vLLM.")
     enable_lora: bool = Field(

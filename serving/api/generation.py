@@ -61,7 +61,12 @@ class GenerationService:
             timer.on_finish = lambda tokens: self.tenancy.limiter.release(tenant, tokens)
             request = to_generation_request(body, to_ref(record) if record else None)
             deadline = time.monotonic() + self.timeout_s
-            routed = await self.router.open(request)
+            try:
+                # A non-streamed request may be generated whole inside open().
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    routed = await self.router.open(request)
+            except TimeoutError:
+                raise RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.") from None
         except ApiError as exc:
             timer.finish(exc.status_code)
             raise
@@ -85,7 +90,7 @@ class GenerationService:
         async with asyncio.timeout_at(_loop_time(deadline)):
             async for event in routed.events():
                 if isinstance(event, TextDelta):
-                    timer.on_tokens(event.tokens)
+                    timer.on_tokens(event.tokens, event.timed)
                     parts.append(event.text)
                     finish = event.finish_reason or finish
                 else:
@@ -142,7 +147,7 @@ class GenerationService:
             async with asyncio.timeout_at(_loop_time(deadline)):
                 async for event in routed.events():
                     if isinstance(event, TextDelta):
-                        timer.on_tokens(event.tokens)
+                        timer.on_tokens(event.tokens, event.timed)
                         finish = event.finish_reason or finish
                         if event.text:
                             yield formatter.chunk(event.text)
@@ -184,6 +189,7 @@ def to_generation_request(
             params=body.sampling(body.effective_max_tokens()),
             messages=tuple(m.as_template_message() for m in body.messages),
             adapter=adapter,
+            stream=body.stream,
         )
     return GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
@@ -191,6 +197,7 @@ def to_generation_request(
         params=body.sampling(body.max_tokens),
         prompt=body.prompt_text(),
         adapter=adapter,
+        stream=body.stream,
     )
 
 

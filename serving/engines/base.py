@@ -47,6 +47,9 @@ class GenerationRequest:
     messages: tuple[dict[str, Any], ...] = ()
     prompt: str = ""
     adapter: AdapterRef | None = None
+    # Whether the client streams. An engine may serve a non-streamed request whole,
+    # which is cheaper than streaming it and collecting the pieces.
+    stream: bool = True
 
 
 class AdapterObserver(Protocol):
@@ -72,6 +75,9 @@ class TextDelta:
     finish_reason: str | None = None
     # Tokens this delta stands for (an engine may merge tokens into one delta).
     tokens: int = 1
+    # False when the engine delivered a whole answer at once: its arrival time says
+    # nothing about time to first token or inter-token latency.
+    timed: bool = True
 
 
 @dataclass(frozen=True)
