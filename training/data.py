@@ -231,6 +231,14 @@ def _messages_without_answer(value: Any) -> list[dict[str, str]]:
 
 def load_examples(paths: Sequence[Path], preference: bool = False) -> list[Any]:
     """Parse every line of every file; raise one DataError listing all problems."""
+    examples, problems = collect_examples(paths, preference)
+    if problems:
+        raise DataError(problems)
+    return examples
+
+
+def collect_examples(paths: Sequence[Path], preference: bool = False) -> tuple[list[Any], list[str]]:
+    """The lines that parse, and a file:line problem for each that does not."""
     examples: list[Any] = []
     problems: list[str] = []
     parse = parse_preference if preference else parse_sft
@@ -244,9 +252,7 @@ def load_examples(paths: Sequence[Path], preference: bool = False) -> list[Any]:
                 problems.append(f"{where}: {exc}")
         if count == 0 and not any(p.startswith(f"{path}:") for p in problems):
             problems.append(f"{path}: no examples (the file is empty)")
-    if problems:
-        raise DataError(problems)
-    return examples
+    return examples, problems
 
 
 def files_sha256(paths: Sequence[Path]) -> str:

@@ -94,11 +94,8 @@ def build_model(config: TrainConfig, base: str) -> Any:
         sft = config.dpo.sft_adapter
         if not (sft / "adapter_config.json").is_file():
             raise ConfigError(f"dpo.sft_adapter: {sft} is not a PEFT adapter dir (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(sft), adapter_name="default", is_trainable=True)
-        # TRL uses an adapter named "ref" as the reference policy: the SFT model, frozen.
-        model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
-        model.set_adapter("default")
-        return model
+        # TRL's DPOTrainer copies this adapter to a frozen "ref" one: the reference policy.
+        return PeftModel.from_pretrained(model, str(sft), adapter_name="default", is_trainable=True)
     try:
         return get_peft_model(model, peft_config(config.lora))
     except ValueError as exc:  # e.g. target modules not found in the base

@@ -76,11 +76,10 @@ def prepare_sft_data(config: TrainConfig, tokenizer: Any) -> Prepared:
     problems: list[str] = []
 
     def load(paths: Sequence[Path]) -> list[Any]:
-        try:
-            return D.load_examples(paths)
-        except D.DataError as exc:
-            problems.extend(exc.problems)
-            return []
+        # Lines that parse are still tokenized, so one report lists every problem.
+        examples, found = D.collect_examples(paths)
+        problems.extend(found)
+        return examples
 
     def encode(examples: Sequence[Any]) -> tuple[list[D.Encoded], D.DataStats]:
         try:

@@ -348,6 +348,23 @@ def generate(split: str, n: int, seed: int = 0, offered: int = 4) -> list[dict[s
     return examples
 
 
+def preference_pairs(examples: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """DPO lines from generated examples: chosen = the right call, rejected = the same
+    arguments sent to another offered tool (the mistake a tuned model still makes)."""
+    rng = random.Random(seed)
+    pairs = []
+    for example in examples:
+        call = json.loads(example["messages"][-1]["content"])
+        wrong = rng.choice([t["function"]["name"] for t in example["tools"] if t["function"]["name"] != call["name"]])
+        pairs.append({
+            "prompt": example["messages"][:-1],
+            "chosen": example["messages"][-1]["content"],
+            "rejected": json.dumps({"name": wrong, "arguments": call["arguments"]}, ensure_ascii=False),
+            "tools": example["tools"],
+        })
+    return pairs
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -1,0 +1,81 @@
+"""DPO on prompt/chosen/rejected JSONL with TRL's DPOTrainer, starting from an SFT adapter.
+
+The SFT adapter is loaded as "default", which trains; TRL copies it to a frozen
+"ref" adapter, the reference policy. Only "default" is saved.
+
+Lines: {"prompt": str | [messages ending with a user turn], "chosen": str,
+"rejected": str, "tools": [...]} (tools optional, rendered as in SFT).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from training import data as D
+from training.config import TrainConfig
+from training.model import build_model
+from training.trainer import split_eval, training_arguments
+
+
+def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tuple[list[dict[str, Any]], int, list[str]]:
+    rows, truncated, problems = [], 0, []
+    for ex in examples:
+        prompt = D.with_tools(ex.prompt, ex.tools)
+        prompt_len = len(tokenizer(D.render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        if prompt_len >= max_length:
+            problems.append(f"{ex.where}: prompt: no trainable tokens within data.max_length={max_length} (the prompt alone has {prompt_len})")
+            continue
+        longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in (ex.chosen, ex.rejected))
+        truncated += prompt_len + longest + 2 > max_length  # +2: end-of-turn tokens
+        rows.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": ex.chosen}],
+            "rejected": [{"role": "assistant", "content": ex.rejected}],
+        })
+    return rows, truncated, problems
+
+
+def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> tuple[Any, dict[str, Any], list[Path]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = config.data
+    problems: list[str] = []
+    examples: dict[str, list[D.Preference]] = {}
+    for split, paths in (("train", cfg.train), ("eval", cfg.eval)):
+        examples[split], found = D.collect_examples(paths, preference=True)
+        problems += found
+    train_rows, train_cut, p1 = _rows(tokenizer, examples["train"], cfg.max_length)
+    eval_rows, eval_cut, p2 = _rows(tokenizer, examples["eval"], cfg.max_length)
+    problems += p1 + p2
+    if problems:
+        raise D.DataError(problems)
+    if not cfg.eval:
+        train_rows, eval_rows = split_eval(train_rows, cfg.eval_ratio, config.optim.seed)
+
+    model = build_model(config, base)
+    args = training_arguments(
+        config,
+        bool(eval_rows),
+        args_class=DPOConfig,
+        beta=config.dpo.beta,
+        max_length=cfg.max_length,
+        gradient_checkpointing=False,  # set on the model already (training.model.load_base)
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+    stats = {
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "truncated": train_cut + eval_cut,
+        "truncated_examples": [],
+        "max_length": cfg.max_length,
+    }
+    return trainer, stats, [*cfg.train, *cfg.eval]
