@@ -47,6 +47,7 @@ bench: prepare
 	$(BIN)/python benchmarks/cpu_engine.py
 	$(BIN)/python benchmarks/adapters.py
 	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/finetune_function_calling.py
 
 clean:
 	rm -rf $(VENV)
