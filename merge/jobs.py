@@ -56,6 +56,12 @@ class JobCancelled(TuneserveError):
     pass
 
 
+class _Signalled(BaseException):
+    """Raised by the SIGTERM handler. A BaseException, like KeyboardInterrupt, so that
+    library code catching Exception (mergekit does, around tokenizer copying) cannot
+    swallow it and let the job run on."""
+
+
 class JobError(TuneserveError):
     """A job ended without success; the message says how, the job id and why."""
 
@@ -294,7 +300,6 @@ def run_job(
     """Run `work` as job `job_id` in this process; return the final record.
 
     Raises JobError (after recording it) when the job fails or is cancelled."""
-    jobs._start(job_id)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     ctx = JobContext(jobs, job_id, show_progress)
@@ -308,25 +313,34 @@ def run_job(
                 log.debug("heartbeat failed", exc_info=True)
 
     def on_sigterm(signum: int, _frame: Any) -> None:
-        if jobs.cancel_requested(job_id):
-            raise JobCancelled(f"job {job_id} cancelled")
-        raise JobError(f"job {job_id} interrupted by signal {signum}; nothing was published")
+        raise _Signalled(signum)
 
     beat = threading.Thread(target=heartbeat, name=f"job-{job_id}-heartbeat", daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    # Before the job shows as running, so a cancel's SIGTERM always finds the handler.
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
+        jobs._start(job_id)
+    except BaseException:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        raise
     beat.start()
     handler = _JobLogHandler(jobs, job_id)
     root = logging.getLogger()
     root.addHandler(handler)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     try:
         if jobs.cancel_requested(job_id):
             raise JobCancelled(f"job {job_id} cancelled")
         outputs = work(ctx)
         jobs._finish(job_id, JobStatus.succeeded, outputs=outputs)
-    except JobCancelled as exc:
-        jobs._finish(job_id, JobStatus.cancelled, str(exc))
-        raise JobError(f"job {job_id} cancelled; nothing was published") from exc
+    except (JobCancelled, _Signalled) as exc:
+        if isinstance(exc, JobCancelled) or jobs.cancel_requested(job_id):
+            jobs._finish(job_id, JobStatus.cancelled, f"job {job_id} cancelled")
+            raise JobError(f"job {job_id} cancelled; nothing was published") from None
+        why = f"interrupted by signal {exc.args[0]}; nothing was published"
+        jobs._finish(job_id, JobStatus.failed, why)
+        raise JobError(f"job {job_id} {why}") from None
     except KeyboardInterrupt:
         jobs._finish(job_id, JobStatus.failed, "interrupted (Ctrl-C); nothing was published")
         raise

@@ -126,7 +126,9 @@ def _reference_run(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        # Folded in (float32): the same function as the unmerged PeftModel, and
+        # generation runs at the base model's speed.
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.eval()
     text = config.text_file.read_text() if config.text_file else HELD_OUT_TEXT
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: config.max_text_tokens]

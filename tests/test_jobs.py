@@ -1,0 +1,83 @@
+"""Jobs: a merge killed mid-run is reported failed (never "running"), its staging dir
+is removed, it can be re-run; cancel stops a running job and publishes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.merge_factory import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.servers import ROOT
+
+
+def _start_merge(config: Path, out: Path, data_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuneserve.cli.main", "merge", str(config), "--out", str(out), "--data_dir", str(data_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(db: Path, sql: str, timeout_s: float = 180) -> sqlite3.Row:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if db.is_file():
+            with sqlite3.connect(db) as conn:
+                conn.row_factory = sqlite3.Row
+                try:
+                    row = conn.execute(sql).fetchone()
+                except sqlite3.OperationalError:  # table not created yet
+                    row = None
+            if row is not None:
+                return row
+        time.sleep(0.05)
+    raise TimeoutError(sql)
+
+
+def _linear_config(merge_work: Path, full_models: list[Path]) -> Path:
+    return write_yaml(merge_work / "jobs-linear.yaml", {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in full_models],
+    })
+
+
+def test_job_killed_mid_run_is_failed_on_restart_and_can_rerun(merge_work, full_models, tmp_path):
+    data_dir = tmp_path / "data"
+    out = tmp_path / "merged"
+    process = _start_merge(_linear_config(merge_work, full_models), out, data_dir)
+    # Kill it while it writes: once the staging dir is recorded.
+    row = _wait_for(data_dir / "tuneserve.db", "SELECT id, staging FROM jobs WHERE status = 'running' AND staging IS NOT NULL")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    staging = Path(row["staging"])
+
+    jobs = job_of(cli("jobs", "list", data_dir=data_dir))
+    assert [(j["id"], j["status"]) for j in jobs] == [(row["id"], "failed")]
+    assert "died while it ran" in jobs[0]["error"] and f"jobs rerun {row['id']}" in jobs[0]["error"]
+    assert not staging.exists() and not out.exists()
+
+    rerun = job_of(cli("jobs", "rerun", row["id"], data_dir=data_dir))
+    assert rerun["status"] == "succeeded" and rerun["id"] != row["id"]
+    assert (out / "config.json").is_file()
+
+
+def test_cancel_running_job(merge_work, full_models, tmp_path):
+    data_dir = tmp_path / "data"
+    out = tmp_path / "merged"
+    process = _start_merge(_linear_config(merge_work, full_models), out, data_dir)
+    row = _wait_for(data_dir / "tuneserve.db", "SELECT id FROM jobs WHERE status = 'running'")
+    cli("jobs", "cancel", row["id"], data_dir=data_dir)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and "cancelled" in stderr
+    shown = job_of(cli("jobs", "show", row["id"], data_dir=data_dir))
+    assert shown["status"] == "cancelled" and "cancelled" in shown["log"] + (shown["error"] or "")
+    assert not out.exists() and not list(tmp_path.glob(".merged.tmp-*"))
+    # A finished job cannot be cancelled again; an unknown one is a clear error.
+    again = cli("jobs", "cancel", row["id"], data_dir=data_dir, check=False)
+    assert again.returncode == 2 and "already cancelled" in again.stderr
+    missing = cli("jobs", "show", "nope", data_dir=data_dir, check=False)
+    assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
