@@ -198,7 +198,13 @@ def _train_process(args: list[str]) -> subprocess.Popen[str]:
 
 def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
-    write_jsonl(data, short_chats(8))
+    # Answers of very different difficulty: a batch's loss tells which examples it holds,
+    # so a resume that replayed or skipped the wrong batches would show.
+    rows = short_chats(8)
+    for i, row in enumerate(rows):
+        if i % 2:
+            row["output"] = " ".join(str((i * 37 + k * 11) % 97) for k in range(12))
+    write_jsonl(data, rows)
     common = [
         "--data.train", str(data), "--quantization.enabled", "false", "--optim.max_steps", "8",
         "--optim.learning_rate", "1e-3", "--lora.dropout", "0", "--run.save_steps", "2", *FAST,
@@ -220,6 +226,8 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tm
     assert proc.wait(timeout=300) == 130, "".join(lines)[-3000:]
     stopped = report(run_dir)
     assert stopped["status"] == "interrupted" and 3 <= stopped["steps"] < 8
+    for point in stopped["loss_curve"]:  # the same run up to the stop, in another process
+        assert point["loss"] == pytest.approx(expected[point["step"]], rel=2e-2)
     assert (run_dir / "checkpoints" / f"checkpoint-{stopped['steps']}").is_dir()
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -229,9 +237,11 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tm
     assert resumed["resumed_at_step"] == stopped["steps"]
     after = {p["step"]: p["loss"] for p in resumed["loss_curve"] if p["step"] > stopped["steps"]}
     assert sorted(after) == list(range(stopped["steps"] + 1, 9))
-    # Same batches in the same order with the same optimizer state: the same losses.
+    # Same batches in the same order with the same optimizer state: the same losses (up
+    # to float noise; batches differ from each other by far more than 2%).
+    assert max(expected.values()) > 1.5 * min(expected[s] for s in after)
     for step, loss in after.items():
-        assert loss == pytest.approx(expected[step], rel=1e-3, abs=1e-4), (step, after, expected)
+        assert loss == pytest.approx(expected[step], rel=2e-2), (step, after, expected)
 
 
 def test_dpo_runs_a_few_steps_from_the_sft_adapter(qlora_run: tuple[Path, str, int], tmp_path: Path) -> None:
