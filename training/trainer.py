@@ -305,10 +305,12 @@ def run_training(config: TrainConfig, settings: Settings) -> RunResult:
     trainer.add_callback(stop)
     trainer.add_callback(progress)
     if config.run.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(str(out / TENSORBOARD_DIR))))
+        tensorboard = TensorBoardCallback()
+        # Its own dir, also when the writer is reopened for the eval after training.
+        tensorboard.logging_dir = str(out / TENSORBOARD_DIR)
+        trainer.add_callback(tensorboard)
     if config.run.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
