@@ -46,6 +46,7 @@ bench: prepare
 	$(BIN)/python benchmarks/gateway_overhead.py
 	$(BIN)/python benchmarks/cpu_engine.py
 	$(BIN)/python benchmarks/adapters.py
+	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/finetune_function_calling.py
 
