@@ -98,7 +98,7 @@ def test_ties_merge_with_base_plus_adapter_reference(full_models, adapters, merg
     assert (delta[keep_a & keep_b] != 0).any()
 
 
-def _combine(merge_work: Path, adapters: list[Path], name: str, **op) -> Path:
+def _combine(merge_work: Path, name: str, **op) -> Path:
     config = write_yaml(merge_work / f"{name}.yaml", {
         "operation": "combine_adapters", "base": str(HF_DIR), **op,
     })
@@ -119,7 +119,7 @@ def _deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_linear_combination_of_adapters(adapters, merge_work):
-    out = _combine(merge_work, adapters, "combo-linear", combination="linear",
+    out = _combine(merge_work, "combo-linear", combination="linear",
                    adapters=[{"path": str(adapters[0]), "weight": 1.0}, {"path": str(adapters[1]), "weight": 0.0}])
     # PEFT's linear combination scales A and B by sqrt(weight): weights 1 and 0 give back
     # adapter 1's update exactly.
@@ -131,7 +131,7 @@ def test_linear_combination_of_adapters(adapters, merge_work):
 
 def test_ties_combination_published_to_a_tenant(adapters, merge_work):
     data_dir = merge_work / "data"
-    out = _combine(merge_work, adapters, "combo-ties", combination="ties", density=0.5,
+    out = _combine(merge_work, "combo-ties", combination="ties", density=0.5,
                    adapters=[{"path": str(a), "weight": 1.0} for a in adapters],
                    publish={"tenant": "acme", "name": "mix"})
     listed = json.loads(cli("adapters", "list", "acme", data_dir=data_dir).stdout)
@@ -159,11 +159,14 @@ def test_ties_combination_published_to_a_tenant(adapters, merge_work):
 def test_invalid_configs_are_rejected_before_loading(change, message, merge_work, capsys):
     from tuneserve.cli.main import main
 
+    twin = merge_work / "base-twin"  # a second, distinct input without copying weights
+    if not twin.exists():
+        twin.symlink_to(HF_DIR)
     config = {
         "merge_method": "linear",
         "models": [
             {"model": str(HF_DIR), "parameters": {"weight": 0.5}},
-            {"model": str(HF_DIR), "parameters": {"weight": 0.5}},
+            {"model": str(twin), "parameters": {"weight": 0.5}},
         ],
     }
     change(config, merge_work)
