@@ -37,7 +37,6 @@ TENANTS = {"acme": "support", "globex": "sales"}
 # to grow between scrapes), at least MIN_S and at most MAX_S: the CPU may be shared.
 MIN_S, MAX_S, EACH = 15, 150, 3
 LONG_TENANT = "acme"  # sends the requests that outlast the fallback gateway's timeout
-WINDOW = "1m"  # stands in for Grafana's $__rate_interval; the traffic fits in it
 COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*([0-9.]+)\s*$")
 
 
@@ -116,10 +115,13 @@ class Traffic:
         self.expected[f"{self.fallback.name}:{LONG_TENANT}:{MODEL}"] = 2
         threads = [threading.Thread(target=self.vllm_client)]
         threads += [threading.Thread(target=self.fallback_client, args=(t,)) for t in TENANTS]
+        start = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        # Stands in for Grafana's $__rate_interval: the whole traffic and a few scrapes.
+        self.window = f"{int(time.monotonic() - start) + 10}s"
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +192,12 @@ def wait_for_targets(prometheus: Prometheus) -> None:
     raise AssertionError(f"targets not up: {targets}")
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
+def dashboard_queries(window: str) -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     out = []
     for panel in board["panels"]:
         for t in panel.get("targets", []):
-            expr = t["expr"].replace("$__rate_interval", WINDOW)
+            expr = t["expr"].replace("$__rate_interval", window)
             for var in ("tenant", "adapter", "backend"):
                 expr = expr.replace(f"${var}", ".*")
             out.append((f"{panel['title']} [{t['refId']}]", expr))
@@ -220,21 +222,21 @@ def test_traffic_reached_both_engines_with_errors_and_adapters(observed: tuple[P
     assert {200, 404, 504} <= codes, traffic.statuses
 
 
-def scrape_health(prometheus: Prometheus) -> str:
+def scrape_health(prometheus: Prometheus, window: str) -> str:
     return json.dumps({
         q: [(s["metric"].get("instance"), s["value"][1]) for s in prometheus.query(q)]
-        for q in (f"count_over_time(up[{WINDOW}])", f"sum_over_time(up[{WINDOW}])", f"max_over_time(scrape_duration_seconds[{WINDOW}])")
+        for q in (f"count_over_time(up[{window}])", f"sum_over_time(up[{window}])", f"max_over_time(scrape_duration_seconds[{window}])")
     })
 
 
 def test_every_dashboard_query_returns_data(observed: tuple[Prometheus, Traffic]) -> None:
     prometheus, traffic = observed
     empty = []
-    for title, expr in dashboard_queries():
+    for title, expr in dashboard_queries(traffic.window):
         result = prometheus.query(expr)
         if not has_finite(result):
             empty.append(f"{title}: {expr} -> {result}")
-    assert not empty, "\n".join(empty + [scrape_health(prometheus), str(traffic.statuses)])
+    assert not empty, "\n".join(empty + [scrape_health(prometheus, traffic.window), str(traffic.statuses)])
 
 
 def test_dashboard_variables_list_tenants_adapters_backends(observed: tuple[Prometheus, Traffic]) -> None:
