@@ -24,7 +24,7 @@ from typing import Any
 
 from common import ROOT, write_result
 
-from training.datagen.function_calling import write_dataset
+from training.datagen.function_calling import TOOLS, write_dataset
 from training.datagen.general_text import write_general
 
 WORK = ROOT / "data" / "bench" / "finetune_function_calling"
@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 avoids OpenMP stalls on a shared 2-core machine")
     parser.add_argument("--qlora-steps", type=int, default=3, help="QLoRA steps for its throughput (0: skip)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the LoRA run and eval of an earlier invocation (same data) if present")
     args = parser.parse_args()
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -62,14 +64,16 @@ def main() -> int:
         "--optim.warmup_ratio", "0.05", "--optim.gradient_checkpointing", "false",
         "--run.logging_steps", "5", "--run.progress_bar", "false", "--run.threads", str(args.threads),
     ]
-    _clean(run_dir)
-    tuneserve("train", "--output_dir", str(run_dir), "--quantization.enabled", "false",
-              "--optim.epochs", str(args.epochs), "--run.save_steps", "1000", "--run.eval_steps", "1000", *common)
-    report = json.loads((run_dir / "training_report.json").read_text())
-
     eval_json = WORK / "eval.json"
-    tuneserve("eval", "--function-calling", str(fc["test"]), "--general", str(general["eval"]),
-              "--adapter", f"function-calling={run_dir / 'adapter'}", "--output", str(eval_json), *threads)
+    reuse = args.reuse and (run_dir / "training_report.json").is_file() and eval_json.is_file()
+    if not reuse:
+        _clean(run_dir)
+        eval_json.unlink(missing_ok=True)
+        tuneserve("train", "--output_dir", str(run_dir), "--quantization.enabled", "false",
+                  "--optim.epochs", str(args.epochs), "--run.save_steps", "1000", "--run.eval_steps", "1000", *common)
+        tuneserve("eval", "--function-calling", str(fc["test"]), "--general", str(general["eval"]),
+                  "--adapter", f"function-calling={run_dir / 'adapter'}", "--output", str(eval_json), *threads)
+    report = json.loads((run_dir / "training_report.json").read_text())
     evaluation = json.loads(eval_json.read_text())
 
     qlora: dict[str, Any] | None = None
@@ -92,7 +96,7 @@ def main() -> int:
     write_result("finetune_function_calling", {
         "device": "cpu",
         "threads": args.threads,
-        "data": {"train": args.train, "test": args.test, "tools": 13, "languages": ["en", "ko"],
+        "data": {"train": args.train, "test": args.test, "tools": len(TOOLS), "languages": ["en", "ko"],
                  "split": "by template: every third phrasing per tool and language is test-only"},
         "method": "LoRA r=16 alpha=32 all-linear on the float32 base, 15% general-text replay",
         "before": {"function_calling": base["function_calling"], "general_perplexity": base["general_perplexity"]},
