@@ -46,7 +46,9 @@ def launched() -> Iterator[ServerProcess]:
             "engines.vllm.launch.port": free_port(),
             "engines.vllm.launch.dtype": TEST_VLLM_LAUNCH["dtype"],
             "engines.vllm.launch.extra_args": json.dumps(TEST_VLLM_LAUNCH["extra_args"]),
-            "engines.vllm.launch.restart_backoff_s": 0,
+            # vLLM's start-up takes every core of a small machine, which slows llama.cpp
+            # many times over; the pause lets the fallback checks run on a quiet CPU.
+            "engines.vllm.launch.restart_backoff_s": 10,
             "engines.vllm.health_interval_s": 0.5,
         },
     ).start()

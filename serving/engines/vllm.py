@@ -169,6 +169,8 @@ class VLLMEngine(Engine):
         return EngineStatus(self.name, self.is_ready(), self._detail, extra)
 
     def mark_down(self, detail: str) -> None:
+        if self._up:
+            log.warning("vLLM at %s is down: %s", self.url, detail)
         self._up = False
         self._detail = detail
 
