@@ -333,6 +333,7 @@ def run_job(
         if jobs.cancel_requested(job_id):
             raise JobCancelled(f"job {job_id} cancelled")
         outputs = work(ctx)
+        ctx.progress(1.0, "done")
         jobs._finish(job_id, JobStatus.succeeded, outputs=outputs)
     except (JobCancelled, _Signalled) as exc:
         if isinstance(exc, JobCancelled) or jobs.cancel_requested(job_id):

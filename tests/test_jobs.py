@@ -3,6 +3,7 @@ is removed, it can be re-run; cancel stops a running job and publishes nothing."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,7 +13,11 @@ import time
 from pathlib import Path
 
 from tests.merge_factory import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.adapter_factory import HF_DIR
+from tests.merge_factory import GGUF
 from tests.servers import ROOT
+
+MODEL_ARGS = ("--model.hf_path", str(HF_DIR), "--model.gguf_path", str(GGUF))
 
 
 def _start_merge(config: Path, out: Path, data_dir: Path) -> subprocess.Popen:
@@ -81,3 +86,57 @@ def test_cancel_running_job(merge_work, full_models, tmp_path):
     assert again.returncode == 2 and "already cancelled" in again.stderr
     missing = cli("jobs", "show", "nope", data_dir=data_dir, check=False)
     assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
+
+
+def _export_adapter(adapter: Path, out: Path, data_dir: Path, stderr: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "tuneserve.cli.main", "export", str(adapter), "--out", str(out),
+               "--no-gate", "--data_dir", str(data_dir), *MODEL_ARGS]
+    return subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, timeout=300)
+
+
+def test_progress_bar_on_a_terminal_only(adapters, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal's size
+    try:
+        on_tty = _export_adapter(adapters[0], tmp_path / "tty.gguf", tmp_path / "data", stderr=terminal)
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal's other end closed: all is read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+    assert on_tty.returncode == 0, shown[-2000:]
+    job_id = json.loads(on_tty.stdout)["id"]
+    assert f"job {job_id}".encode() in shown and b"100%|" in shown
+
+    piped = _export_adapter(adapters[0], tmp_path / "piped.gguf", tmp_path / "data", stderr=subprocess.PIPE)
+    assert piped.returncode == 0 and b"%|" not in piped.stderr  # no bar in logs
+
+
+def test_export_refused_up_front_when_the_disk_is_short(full_models, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from tuneserve.cli.main import main
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    out = tmp_path / "full.gguf"
+    code = main(["export", str(full_models[0]), "--out", str(out), "--type", "f16",
+                 "--data_dir", str(tmp_path / "data"), *MODEL_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs about" in err and "only 0.00 GiB is free" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]  # nothing written beside it
+    monkeypatch.undo()
+    jobs = job_of(cli("jobs", "list", data_dir=tmp_path / "data"))
+    assert [j["status"] for j in jobs] == ["failed"] and "needs about" in jobs[0]["error"]

@@ -196,6 +196,11 @@ def _train_process(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
+# Threaded CPU reductions differ run to run; at lr 1e-3 that drift reaches ~2.5% by step 8
+# (measured in CI), still far below the 1.5x that tells one batch from another.
+LOSS_NOISE = 5e-2
+
+
 def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     # Answers of very different difficulty: a batch's loss tells which examples it holds,
@@ -227,7 +232,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tm
     stopped = report(run_dir)
     assert stopped["status"] == "interrupted" and 3 <= stopped["steps"] < 8
     for point in stopped["loss_curve"]:  # the same run up to the stop, in another process
-        assert point["loss"] == pytest.approx(expected[point["step"]], rel=2e-2)
+        assert point["loss"] == pytest.approx(expected[point["step"]], rel=LOSS_NOISE)
     assert (run_dir / "checkpoints" / f"checkpoint-{stopped['steps']}").is_dir()
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -238,10 +243,10 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_steps_and_data_order(tm
     after = {p["step"]: p["loss"] for p in resumed["loss_curve"] if p["step"] > stopped["steps"]}
     assert sorted(after) == list(range(stopped["steps"] + 1, 9))
     # Same batches in the same order with the same optimizer state: the same losses (up
-    # to float noise; batches differ from each other by far more than 2%).
+    # to float noise; batches differ from each other by far more).
     assert max(expected.values()) > 1.5 * min(expected[s] for s in after)
     for step, loss in after.items():
-        assert loss == pytest.approx(expected[step], rel=2e-2), (step, after, expected)
+        assert loss == pytest.approx(expected[step], rel=LOSS_NOISE), (step, after, expected)
 
 
 def test_dpo_runs_a_few_steps_from_the_sft_adapter(qlora_run: tuple[Path, str, int], tmp_path: Path) -> None:
