@@ -22,10 +22,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 from pydantic import ValidationError
 
-from tuneserve.config import format_validation_error
+from tuneserve.config import format_validation_error, read_yaml_mapping
 from tuneserve.errors import ConfigError
 
 # The fields that must agree for tensors to line up, besides `architectures`.
@@ -46,18 +45,9 @@ class MergeConfigError(ConfigError):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise MergeConfigError(f"cannot read merge config {path}: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise MergeConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-    if not isinstance(raw, dict):
-        raise MergeConfigError(f"{path}: a merge config is a YAML mapping")
+    raw = read_yaml_mapping(path, "merge config", MergeConfigError)
+    if not raw:
+        raise MergeConfigError(f"{path}: the merge config is empty")
     return raw
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneserve.config import _deep_merge, _read_yaml, _set_dotted, format_validation_error
+from tuneserve.config import format_validation_error, layered_tree
 from tuneserve.errors import ConfigError
 from tuneserve.names import is_valid_name
 
@@ -191,11 +191,7 @@ class TrainConfig(_Section):
 
 def load_train_config(path: Path | str | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) < flags; raise ConfigError naming each bad key."""
-    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
-    flag_tree: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        _set_dotted(flag_tree, key, value)
-    tree = _deep_merge(tree, flag_tree)
+    tree = layered_tree(path, overrides)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:

@@ -338,22 +338,35 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config file", error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name file:line."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise error(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        raise error(f"{path}: top level must be a mapping of keys")
     return data
+
+
+def layered_tree(
+    config_file: Path | str | None, overrides: Mapping[str, Any] | None, env: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The YAML file, then env (already a tree), then dotted-key flags, each overriding the last."""
+    tree: dict[str, Any] = read_yaml_mapping(Path(config_file)) if config_file else {}
+    tree = _deep_merge(tree, dict(env or {}))
+    flag_tree: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(flag_tree, key, value)
+    return _deep_merge(tree, flag_tree)
 
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
@@ -376,12 +389,7 @@ def load_settings(
     environ = os.environ if environ is None else environ
     if config_file is None and environ.get(ENV_CONFIG_FILE):
         config_file = environ[ENV_CONFIG_FILE]
-    tree: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
-    tree = _deep_merge(tree, _env_overrides(environ))
-    flag_tree: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        _set_dotted(flag_tree, key, value)
-    tree = _deep_merge(tree, flag_tree)
+    tree = layered_tree(config_file, overrides, _env_overrides(environ))
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:

@@ -19,19 +19,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "settings", "every key of the YAML file, as --dotted.key VALUE (values parse as YAML)"
     )
-    for key, info in iter_fields():
-        default = info.default
-        if default is PydanticUndefined and info.default_factory is not None:
-            default = info.default_factory()
-        type_name = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-        group.add_argument(
-            f"--{key}",
-            dest=key,
-            metavar=type_name.upper() if type_name else "VALUE",
-            type=parse_scalar,
-            default=argparse.SUPPRESS,
-            help=f"{info.description or ''} [default: {default!r}; env: {env_name(key)}]",
-        )
+    _add_field_flags(group, Settings, with_env=True)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -43,6 +31,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def add_model_arguments(group: argparse._ArgumentGroup, model: type[Any]) -> list[str]:
     """One --dotted.key flag per leaf field of a pydantic config model (no env vars);
     returns the keys, for collecting the given flags back into overrides."""
+    return _add_field_flags(group, model, with_env=False)
+
+
+def _add_field_flags(group: argparse._ArgumentGroup, model: type[Any], with_env: bool) -> list[str]:
     keys = []
     for key, info in iter_fields(model):
         default = info.default
@@ -51,13 +43,14 @@ def add_model_arguments(group: argparse._ArgumentGroup, model: type[Any]) -> lis
         type_name = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
         # A bare boolean flag (--resume) means true; --resume false also parses.
         boolean = {"nargs": "?", "const": True} if info.annotation is bool else {}
+        env = f"; env: {env_name(key)}" if with_env else ""
         group.add_argument(
             f"--{key}",
             dest=key,
             metavar=type_name.upper() if type_name else "VALUE",
             type=parse_scalar,
             default=argparse.SUPPRESS,
-            help=f"{info.description or ''} [default: {default!r}]".replace("%", "%%"),
+            help=f"{info.description or ''} [default: {default!r}{env}]".replace("%", "%%"),
             **boolean,
         )
         keys.append(key)
