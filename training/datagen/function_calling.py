@@ -78,6 +78,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{city} 날씨 어때?"),
             _t("ko", "지금 {city}에 비 와?"),
             _t("ko", "{city} 기온을 섭씨로 알려줘.", unit="celsius"),
+            _t("ko", "오늘 {city} 날씨 알려줘."),
+            _t("ko", "{city} 가는데 우산 챙겨야 돼?"),
+            _t("ko", "{city} 기온 화씨로 알려줘.", unit="fahrenheit"),
         ],
     ),
     Tool(
@@ -95,6 +98,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{amount} {from_currency}를 {to_currency}로 바꿔줘."),
             _t("ko", "{amount} {from_currency}는 {to_currency}로 얼마야?"),
             _t("ko", "{from_currency} {amount}을 {to_currency}로 환전하면 얼마인지 알려줘."),
+            _t("ko", "{amount} {from_currency}를 {to_currency}로 환전해줘."),
+            _t("ko", "{from_currency} {amount}이면 {to_currency}로 얼마나 돼?"),
+            _t("ko", "{amount} {from_currency} {to_currency}로 계산해줘."),
         ],
     ),
     Tool(
@@ -113,6 +119,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{time}에 알람 맞춰줘."),
             _t("ko", "{time}에 {label} 알람 설정해줘."),
             _t("ko", "내일 {time}에 깨워줘."),
+            _t("ko", "{time} 알람 하나 맞춰 줘."),
+            _t("ko", "{label} 알람을 {time}에 울려줘."),
+            _t("ko", "알람 {time}으로 설정해."),
         ],
     ),
     Tool(
@@ -132,6 +141,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{to}에게 {subject} 제목으로 메일 보내줘."),
             _t("ko", "{to}로 {subject} 관련 이메일 보내."),
             _t("ko", "제목은 {subject}, 받는 사람은 {to}로 메일 보내줘."),
+            _t("ko", "{to}한테 {subject} 메일 써서 보내줘."),
+            _t("ko", "{subject}에 대한 이메일을 {to}에게 보내줘."),
+            _t("ko", "{to}에게 메일 보내줘. 제목은 {subject}."),
         ],
     ),
     Tool(
@@ -150,6 +162,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{city}에 있는 {cuisine} 맛집 찾아줘."),
             _t("ko", "{city}에서 {cuisine} 먹을 만한 곳 추천해줘."),
             _t("ko", "{city} {cuisine} 식당 검색해줘."),
+            _t("ko", "{city} 근처 {cuisine} 음식점 알려줘."),
+            _t("ko", "{cuisine} 먹고 싶은데 {city}에 괜찮은 데 있어?"),
+            _t("ko", "{city}에서 {cuisine} 레스토랑 찾아봐."),
         ],
     ),
     Tool(
@@ -168,6 +183,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{date}에 {origin}에서 {destination} 가는 비행기 예약해줘."),
             _t("ko", "{origin} 출발 {destination} 도착 {date} 항공편 잡아줘."),
             _t("ko", "{destination}행 비행기 {date} {origin} 출발로 예매해줘."),
+            _t("ko", "{origin}에서 {destination}로 {date}에 가는 항공권 예약해줘."),
+            _t("ko", "{date} {origin}발 {destination}행 비행기표 끊어줘."),
+            _t("ko", "{date}에 {origin}에서 {destination} 가는 비행기 타고 싶어, 예약해줘."),
         ],
     ),
     Tool(
@@ -188,6 +206,9 @@ TOOLS: list[Tool] = [
             _t("ko", "'{text}'를 {target_language}로 번역해줘."),
             _t("ko", "'{text}'는 {target_language}로 뭐라고 해?"),
             _t("ko", "{target_language}로 '{text}' 어떻게 말해?"),
+            _t("ko", "'{text}' {target_language}로 번역 부탁해."),
+            _t("ko", "이 문장 {target_language}로 바꿔줘: '{text}'"),
+            _t("ko", "'{text}'를 {target_language}로 옮겨줘."),
         ],
     ),
     Tool(
@@ -205,6 +226,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{symbol} 주가 알려줘."),
             _t("ko", "지금 {symbol} 얼마야?"),
             _t("ko", "{symbol} 주식 시세 확인해줘."),
+            _t("ko", "{symbol} 현재 주가 얼마야?"),
+            _t("ko", "{symbol} 주식 지금 가격 알려줘."),
+            _t("ko", "오늘 {symbol} 시세 어때?"),
         ],
     ),
     Tool(
@@ -223,6 +247,9 @@ TOOLS: list[Tool] = [
             _t("ko", "온도를 {temperature}도로 맞춰줘."),
             _t("ko", "{room} 온도 {temperature}도로 설정해줘."),
             _t("ko", "{room}을 {temperature}도로 해줘."),
+            _t("ko", "{room} 난방 {temperature}도로 맞춰."),
+            _t("ko", "실내 온도를 {temperature}도로 바꿔줘."),
+            _t("ko", "{room} 온도 {temperature}도로 조절해줘."),
         ],
     ),
     Tool(
@@ -240,6 +267,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{bill}에 {percent}% 팁이면 얼마야?"),
             _t("ko", "계산서가 {bill}인데 팁 {percent}% 계산해줘."),
             _t("ko", "{bill} 금액의 {percent}퍼센트 팁 알려줘."),
+            _t("ko", "{bill} 나왔는데 팁 {percent}%면 얼마 줘야 돼?"),
+            _t("ko", "{bill}의 {percent}% 팁 계산해줘."),
+            _t("ko", "팁을 {percent}%로 하면 {bill}에서 얼마야?"),
         ],
     ),
     Tool(
@@ -258,6 +288,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{artist} 노래 틀어줘."),
             _t("ko", "{artist} 셔플로 재생해줘.", shuffle=True),
             _t("ko", "{artist} 음악 듣고 싶어."),
+            _t("ko", "{artist} 노래 재생해줘."),
+            _t("ko", "{artist} 곡들 랜덤으로 틀어줘.", shuffle=True),
+            _t("ko", "{artist} 음악 좀 틀어 줄래?"),
         ],
     ),
     Tool(
@@ -279,6 +312,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{origin}에서 {destination}까지 운전해서 가는 길 알려줘.", mode="driving"),
             _t("ko", "{origin}에서 {destination}까지 걸어서 어떻게 가?", mode="walking"),
             _t("ko", "{origin}에서 {destination} 대중교통으로 가는 법 알려줘.", mode="transit"),
+            _t("ko", "{origin}에서 {destination}까지 차로 가는 길 안내해줘.", mode="driving"),
+            _t("ko", "{origin}에서 {destination}까지 도보 경로 알려줘.", mode="walking"),
+            _t("ko", "{origin}에서 {destination}까지 지하철로 어떻게 가?", mode="transit"),
         ],
     ),
     Tool(
@@ -298,6 +334,9 @@ TOOLS: list[Tool] = [
             _t("ko", "{minutes}분 뒤에 {text} 알려줘."),
             _t("ko", "{minutes}분 후에 {text} 리마인더 설정해줘."),
             _t("ko", "{text} 잊지 않게 {minutes}분 있다가 알려줘."),
+            _t("ko", "{minutes}분 있다가 {text} 리마인드 해줘."),
+            _t("ko", "{text} {minutes}분 후에 알려줘."),
+            _t("ko", "{minutes}분 뒤 {text} 알림 설정해."),
         ],
     ),
 ]
