@@ -20,6 +20,7 @@ from safetensors import safe_open
 from tests.servers import DATA_DIR, ROOT
 from training.datagen.function_calling import TOOLS, generate, preference_pairs, split_templates, write_jsonl
 from training.evaluate import CallCase, load_call_cases, score_calls
+from training.trainer import mix_replay
 from tuneserve.cli.main import main
 
 FAST = [
@@ -104,6 +105,18 @@ def test_function_calling_generator_splits_by_template(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "test.jsonl", test_rows)
     cases = load_call_cases(tmp_path / "test.jsonl")
     assert len(cases) == 30 and all(c.name in {t["function"]["name"] for t in tc} for c, tc in zip(cases, (r["tools"] for r in test_rows)))
+
+
+def test_replay_makes_up_the_ratio_and_warns_when_its_pool_would_repeat(caplog: pytest.LogCaptureFixture) -> None:
+    task, pool = [f"task{i}" for i in range(80)], [f"general{i}" for i in range(50)]
+    mixed = mix_replay(task, pool, 0.2, seed=0)
+    replayed = mixed[len(task):]
+    assert mixed[: len(task)] == task and len(replayed) == 20 and len(set(replayed)) == 20
+    assert not [r for r in caplog.records if "replay" in r.getMessage()]
+    small = mix_replay(task, pool[:5], 0.2, seed=0)
+    assert len(small) - len(task) == 20 and set(small[len(task):]) <= set(pool[:5])
+    warning = next(r.getMessage() for r in caplog.records if "replay.ratio" in r.getMessage())
+    assert "needs 20 replay examples but replay.path has 5" in warning and "4.0 times" in warning
 
 
 def test_call_scoring() -> None:
