@@ -442,6 +442,19 @@ def test_rejection_on_a_fresh_data_dir_leaves_nothing(data_dir: Path, peft_adapt
     assert listing(data_dir) == []
 
 
+def test_an_upload_clears_what_a_killed_upload_left(registry: AdapterRegistry, peft_adapter: Path, data_dir: Path) -> None:
+    killed = data_dir / ".adapter-upload-killed"
+    (killed / "upload").mkdir(parents=True)
+    (killed / "upload" / "adapter_model.safetensors").write_bytes(b"half")
+    day_old = time.time() - 24 * 3600
+    os.utime(killed, (day_old, day_old))
+    live = data_dir / ".adapter-upload-live"  # another process's upload, still going
+    live.mkdir()
+    registry.add("acme", "support", peft_adapter)
+    assert not killed.exists() and live.exists()
+    assert not any(p.name.startswith(".adapter-upload-") and p != live for p in data_dir.iterdir())
+
+
 @pytest.mark.parametrize("tenant", ["Acme", "../acme", "a" * 65, "-x", "a--b", "", "a/b", ".hidden", "acme\n"])
 def test_bad_names(registry: AdapterRegistry, peft_adapter: Path, data_dir: Path, tenant: str) -> None:
     registry.add("acme", "support", peft_adapter)

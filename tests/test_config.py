@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,16 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         ("server:\n  port: 70000\n", "key 'server.port'"),
         ("engines:\n  vllm:\n    url: gpu:8000\n", "key 'engines.vllm.url'"),
         ("engines:\n  llamacpp:\n    enabled: false\n", "enable at least one engine"),
+        (
+            "adapters:\n  max_rank: 128\nengines:\n  vllm:\n    enabled: true\n",
+            "adapters.max_rank (128) is above engines.vllm.max_lora_rank (64)",
+        ),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, yaml_text: str, expected: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")) as info:
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
         load_settings(config, environ={})
     assert str(config) in str(info.value)
 

@@ -226,7 +226,8 @@ class AdaptersConfig(_Section):
     max_rank: int = Field(
         64,
         ge=1,
-        description="Largest LoRA rank an adapter may have (keep <= engines.vllm.max_lora_rank).",
+        description="Largest LoRA rank an adapter may have (at most engines.vllm.max_lora_rank "
+        "when vLLM serves adapters).",
     )
     max_bytes: int = Field(
         512 * 1024 * 1024,
@@ -253,6 +254,20 @@ class Settings(_Section):
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _adapters_fit_vllm(self) -> "Settings":
+        # Caught here, not at an adapter's first request: vLLM refuses to load an
+        # adapter above its --max-lora-rank, and the registry would have accepted it.
+        vllm = self.engines.vllm
+        if vllm.enabled and vllm.enable_lora and self.adapters.max_rank > vllm.max_lora_rank:
+            raise ValueError(
+                f"adapters.max_rank ({self.adapters.max_rank}) is above "
+                f"engines.vllm.max_lora_rank ({vllm.max_lora_rank}): vLLM could not load "
+                "every adapter the registry accepts; raise engines.vllm.max_lora_rank "
+                "or lower adapters.max_rank"
+            )
+        return self
 
     # Paths derived from data_dir keep one place to change the layout.
     def model_dir(self) -> Path:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,22 @@ def staged_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(parent: Path, prefix: str, older_than_s: float) -> list[Path]:
+    """Delete `parent/<prefix>*` dirs untouched for `older_than_s`: what a killed
+    process left behind. The age keeps a slow writer's live dir, even in another process.
+    """
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in parent.glob(f"{prefix}*"):
+        try:
+            if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue  # another process removed it first, or it is not ours to delete
+    return removed
 
 
 class InsufficientDiskSpace(TuneserveError):
