@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from tests.servers import DATA_DIR, ROOT
 from training.datagen.function_calling import TOOLS, generate, preference_pairs, split_templates, write_jsonl
+from training.data import DataError
 from training.evaluate import CallCase, load_call_cases, score_calls
 from training.trainer import mix_replay
 from tuneserve.cli.main import main
@@ -135,6 +136,28 @@ def test_call_scoring() -> None:
     assert scores["tool_name_accuracy"] == pytest.approx(2 / 3)
     assert scores["argument_accuracy"] == pytest.approx(2 / 4)
     assert scores["exact_call_accuracy"] == pytest.approx(1 / 3)
+    assert "by_language" not in scores  # nothing to group by
+
+
+def test_call_scoring_by_language(tmp_path: Path) -> None:
+    examples = generate("test", 12)
+    examples[0]["meta"] = {"lang": ""}
+    write_jsonl(tmp_path / "bad.jsonl", examples[:1])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: meta\.lang"):
+        load_call_cases(tmp_path / "bad.jsonl")
+    write_jsonl(tmp_path / "fc.jsonl", generate("test", 12))
+    cases = load_call_cases(tmp_path / "fc.jsonl")
+    langs = {case.lang for case in cases}
+    assert langs == {"en", "ko"}
+    # Right on every English request, wrong on every Korean one.
+    answers = [json.dumps({"name": c.name if c.lang == "en" else "nope", "arguments": c.arguments}) for c in cases]
+    scores = score_calls(cases, answers)
+    english = sum(c.lang == "en" for c in cases)
+    assert scores["tool_name_accuracy"] == pytest.approx(english / len(cases))
+    by_language = scores["by_language"]
+    assert by_language["en"]["tool_name_accuracy"] == 1 and by_language["ko"]["tool_name_accuracy"] == 0
+    assert by_language["en"]["examples"] + by_language["ko"]["examples"] == len(cases)
+    assert all(s["json_validity"] == 1 and "by_language" not in s for s in by_language.values())
 
 
 # ---------------------------------------------------------------- training runs
@@ -317,6 +340,7 @@ def test_eval_compares_base_and_adapter(qlora_run: tuple[Path, str, int], tmp_pa
     for name in ("base", "tuned"):
         fc = results[name]["function_calling"]
         assert fc["examples"] == 2 and 0 <= fc["json_validity"] <= 1
+        assert sum(s["examples"] for s in fc.get("by_language", {"all": fc}).values()) == 2
         assert results[name]["general_perplexity"] > 1
     assert results["tuned"]["general_perplexity"] != results["base"]["general_perplexity"]
     assert "perplexity_change_pct" in results["tuned"]

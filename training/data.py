@@ -61,6 +61,7 @@ class Conversation:
     where: str  # file:line
     messages: list[dict[str, str]]
     tools: list[dict[str, Any]] | None = None
+    lang: str | None = None  # from an optional "meta": {"lang": ...}; eval scores by it
 
 
 @dataclass(frozen=True)
@@ -173,13 +174,24 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
+def _lang(meta: Any) -> str | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise _Problem("meta", "must be a JSON object")
+    lang = meta.get("lang")
+    if lang is not None and not (isinstance(lang, str) and lang.strip()):
+        raise _Problem("meta.lang", "must be a non-empty string")
+    return lang
+
+
 def parse_sft(obj: Any, where: str) -> SftExample:
     if isinstance(obj, _Problem):
         raise obj
     if not isinstance(obj, dict):
         raise _Problem("(line)", "must be a JSON object")
     if "messages" in obj:
-        return Conversation(where, _messages(obj["messages"]), _tools(obj.get("tools")))
+        return Conversation(where, _messages(obj["messages"]), _tools(obj.get("tools")), _lang(obj.get("meta")))
     if "instruction" in obj or "output" in obj:
         instruction = _string(obj.get("instruction"), "instruction", allow_empty=False)
         extra = _string(obj.get("input", ""), "input")

@@ -11,6 +11,8 @@ in the system prompt). Scores:
   (per argument, over all expected arguments);
 - exact_call_accuracy: name and the whole arguments object match.
 
+Lines with "meta": {"lang": ...} (the generator writes it) are also scored per language.
+
 General perplexity (forgetting): token-weighted perplexity over a JSONL text set.
 """
 
@@ -32,6 +34,7 @@ class CallCase:
     tools: list[dict[str, Any]] | None
     name: str
     arguments: dict[str, Any]
+    lang: str | None = None
 
 
 def load_call_cases(path: Path, limit: int | None = None) -> list[CallCase]:
@@ -51,7 +54,7 @@ def load_call_cases(path: Path, limit: int | None = None) -> list[CallCase]:
                 'expected call must be JSON {"name": str, "arguments": object}'
             )
             continue
-        cases.append(CallCase(example.where, example.messages[:-1], example.tools, call["name"], call.get("arguments", {})))
+        cases.append(CallCase(example.where, example.messages[:-1], example.tools, call["name"], call.get("arguments", {}), example.lang))
     if problems:
         raise D.DataError(problems)
     return cases[:limit] if limit else cases
@@ -143,13 +146,22 @@ def score_calls(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, 
             args_hit += sum(1 for k, v in case.arguments.items() if k in got_args and got_args[k] == v)
             exact += got_args == case.arguments
     n = len(cases) or 1
-    return {
+    scores: dict[str, Any] = {
         "examples": len(cases),
         "json_validity": valid / n,
         "tool_name_accuracy": names / n,
         "argument_accuracy": args_hit / args_total if args_total else None,
         "exact_call_accuracy": exact / n,
     }
+    langs = sorted({c.lang for c in cases if c.lang})
+    # One language can hide behind a good average (a small model's weak one).
+    if langs and not (len(langs) == 1 and all(c.lang for c in cases)):
+        by_language = {}
+        for lang in langs:
+            picked = [i for i, case in enumerate(cases) if case.lang == lang]
+            by_language[lang] = score_calls([cases[i] for i in picked], [answers[i] for i in picked])
+        scores["by_language"] = by_language
+    return scores
 
 
 def evaluate_model(
@@ -219,7 +231,12 @@ def format_table(results: dict[str, Any]) -> str:
         ("general_ppl", lambda n, r: f"{r['general_perplexity']:.3f}" if r.get("general_perplexity") else "-"),
         ("ppl_change", lambda n, r: f"{r['perplexity_change_pct']:+.2f}%" if "perplexity_change_pct" in r else "-"),
     ]
-    rows = [[c[0] for c in columns]] + [[str(f(n, r)) for _, f in columns] for n, r in results["models"].items()]
+    labelled = []
+    for name, result in results["models"].items():
+        labelled.append((name, result))
+        for lang, scores in result.get("function_calling", {}).get("by_language", {}).items():
+            labelled.append((f"  {name} [{lang}]", {"function_calling": scores}))
+    rows = [[c[0] for c in columns]] + [[str(f(n, r)) for _, f in columns] for n, r in labelled]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
