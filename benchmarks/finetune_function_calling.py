@@ -9,7 +9,7 @@ data to record QLoRA's tokens/s and peak RSS.
 Goals: tool-name accuracy >= 90% and JSON validity >= 98% after training, general
 perplexity up by at most 5%.
 
-    python benchmarks/finetune_function_calling.py [--train 450 --test 120 --epochs 2 --threads 2]
+    python benchmarks/finetune_function_calling.py [--train 600 --test 120 --epochs 2 --threads 2]
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def tuneserve(*args: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=450, help="training examples")
+    parser.add_argument("--train", type=int, default=600, help="training examples")
     parser.add_argument("--test", type=int, default=120, help="held-out test examples")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--replay-ratio", type=float, default=0.2, help="share of general text mixed into training")
+    parser.add_argument("--replay-ratio", type=float, default=0.15, help="share of general text mixed into training")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads; use 1 when other jobs share a 2-core machine (OpenMP stalls)")
     parser.add_argument("--qlora-steps", type=int, default=1, help="QLoRA steps for its throughput (0: skip)")
