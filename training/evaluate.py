@@ -132,7 +132,7 @@ def parse_call(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def score_calls(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
+def _score(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
     valid = names = exact = args_hit = args_total = 0
     for case, answer in zip(cases, answers):
         call = parse_call(answer)
@@ -146,20 +146,25 @@ def score_calls(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, 
             args_hit += sum(1 for k, v in case.arguments.items() if k in got_args and got_args[k] == v)
             exact += got_args == case.arguments
     n = len(cases) or 1
-    scores: dict[str, Any] = {
+    return {
         "examples": len(cases),
         "json_validity": valid / n,
         "tool_name_accuracy": names / n,
         "argument_accuracy": args_hit / args_total if args_total else None,
         "exact_call_accuracy": exact / n,
     }
+
+
+def score_calls(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
+    """Scores over all cases, plus `by_language` when cases carry a language: a small
+    model's weak language hides behind a good average."""
+    scores = _score(cases, answers)
     langs = sorted({c.lang for c in cases if c.lang})
-    # One language can hide behind a good average (a small model's weak one).
-    if langs and not (len(langs) == 1 and all(c.lang for c in cases)):
+    if langs:
         by_language = {}
         for lang in langs:
             picked = [i for i, case in enumerate(cases) if case.lang == lang]
-            by_language[lang] = score_calls([cases[i] for i in picked], [answers[i] for i in picked])
+            by_language[lang] = _score([cases[i] for i in picked], [answers[i] for i in picked])
         scores["by_language"] = by_language
     return scores
 
