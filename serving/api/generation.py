@@ -141,33 +141,34 @@ class GenerationService:
         deadline: float,
     ) -> AsyncIterator[bytes]:
         status, usage, finish = 200, None, "stop"
+        # Chunks ready together go out in one write: the role chunk with the first text,
+        # and finish, usage and [DONE] at the end. Each write is a syscall here and a
+        # wake-up in the client; every text chunk still leaves as soon as it exists.
+        pending = formatter.chunk("", first=True) if formatter.kind == "chat" else b""
         try:
-            if formatter.kind == "chat":
-                yield formatter.chunk("", first=True)
             async with asyncio.timeout_at(_loop_time(deadline)):
                 async for event in routed.events():
                     if isinstance(event, TextDelta):
                         timer.on_tokens(event.tokens, event.timed)
                         finish = event.finish_reason or finish
                         if event.text:
-                            yield formatter.chunk(event.text)
+                            yield pending + formatter.chunk(event.text)
+                            pending = b""
                     else:
                         usage = event
-            yield formatter.chunk("", finish_reason=finish)
+            tail = pending + formatter.chunk("", finish_reason=finish)
             if include_usage and usage is not None:
-                yield formatter.usage_chunk(usage)
-            yield SSE_DONE
+                tail += formatter.usage_chunk(usage)
+            yield tail + SSE_DONE
         except TimeoutError:
             error = RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
             status = error.status_code
-            yield sse(error.body())
-            yield SSE_DONE
+            yield pending + sse(error.body()) + SSE_DONE
         except ApiError as exc:
             # Headers are gone already: the error travels as an SSE event, as OpenAI does.
             status = exc.status_code
             log.warning("stream %s failed after first byte: %s", formatter.request_id, exc)
-            yield sse(exc.body())
-            yield SSE_DONE
+            yield pending + sse(exc.body()) + SSE_DONE
         except asyncio.CancelledError:
             status = CLIENT_CLOSED
             raise
