@@ -8,12 +8,13 @@ import pytest
 from openai import OpenAI
 
 from tests.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME
 
 MODEL = "smollm2-135m-instruct"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if not (DATA_DIR / "models" / MODEL / "model.gguf").is_file():
+    if not all((DATA_DIR / "models" / MODEL / name).is_file() for name in (GGUF_NAME, F16_GGUF_NAME)):
         raise pytest.UsageError(f"the default model is not prepared in {DATA_DIR}: run `make prepare`")
 
 

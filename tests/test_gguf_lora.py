@@ -25,10 +25,11 @@ from serving.prompting import ChatTemplate
 from tests.adapter_factory import make_adapter
 from tests.servers import DATA_DIR
 from tuneserve.adapters.gguf_lora import AdapterConversionError, convert_lora_to_gguf
+from tuneserve.models.prepare import F16_GGUF_NAME
 
 MODEL_DIR = DATA_DIR / "models" / "smollm2-135m-instruct"
 HF_DIR = MODEL_DIR / "hf"
-BASE_GGUF = MODEL_DIR / "model.gguf"
+BASE_GGUF = MODEL_DIR / F16_GGUF_NAME
 
 PROMPTS = (
     "What is the capital of France?",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 from openai import OpenAI
@@ -9,13 +11,15 @@ from openai import OpenAI
 from tests.conftest import MODEL
 from tests.servers import ServerProcess
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Not "the capital of France": its first token is a near-tie that the Q8_0 GGUF breaks
+# the other way on some CPUs ("L'Étoile..."), though it passes the quality gate.
+QUESTION = [{"role": "user", "content": "Name three primary colors."}]
 
 
 def test_chat_completion_answers_with_usage(client: OpenAI) -> None:
     response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
     choice = response.choices[0]
-    assert "Paris" in choice.message.content
+    assert {"red", "blue"} <= set(re.findall(r"[a-z]+", choice.message.content.lower()))
     assert choice.message.role == "assistant"
     assert choice.finish_reason in {"stop", "length"}
     assert response.object == "chat.completion"

@@ -14,6 +14,7 @@ from tests.adapter_factory import make_adapter, tar_gz_bytes
 from tests.conftest import MODEL
 from tests.metrics_util import scrape, value
 from tests.servers import DATA_DIR, ServerProcess, free_port, gateway
+from tuneserve.models.prepare import F16_GGUF_NAME
 
 pytestmark = pytest.mark.vllm
 
@@ -22,7 +23,8 @@ MODEL_DIR = DATA_DIR / "models" / MODEL
 
 
 def common(data_dir: Path) -> dict[str, object]:
-    return {"data_dir": data_dir, "model.hf_path": MODEL_DIR / "hf", "model.gguf_path": MODEL_DIR / "model.gguf"}
+    # llama.cpp on the f16 GGUF: parity checks the adapter conversion, not a quant.
+    return {"data_dir": data_dir, "model.hf_path": MODEL_DIR / "hf", "model.gguf_path": MODEL_DIR / F16_GGUF_NAME}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ tests run (its adapter requests are checked against llama.cpp in test_vllm_adapt
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -101,3 +103,88 @@ def test_one_input_row_against_a_taller_output_broadcasts_as_in_vllm(weights) ->
     y = torch.zeros(3, OUT)
     ops.bgmv_expand(x, lora_b, y, torch.tensor([2]), add_inputs=True)
     torch.testing.assert_close(y, reference(x, lora_b, torch.tensor([2])).expand(3, OUT))
+
+
+SLICES = (40, 16, 16)  # q, k and v side by side, as vLLM's merged QKV layer has them
+
+
+def punica_wrapper(indices: list[int]):  # type: ignore[no-untyped-def]
+    """vLLM's own CPU punica wrapper, its token indices set as a step's metadata would."""
+    pytest.importorskip("vllm")
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=256, max_batches=8, device="cpu")
+    wrapper._token_lora_indices[: len(indices)] = torch.tensor(indices)
+    wrapper.indices_len[0] = len(indices)
+    return wrapper
+
+
+def layer_weights(seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(seed)
+    lora_a = tuple(torch.randn(SLOTS, 1, RANK, HIDDEN, generator=gen) for _ in SLICES)
+    lora_b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=gen) for size in SLICES)
+    return lora_a, lora_b
+
+
+def layer_reference(x: torch.Tensor, lora_a, lora_b, indices: list[int], scale: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    index = torch.tensor(indices)
+    return torch.cat(
+        [scale * reference(reference(x, a, index), b, index) for a, b in zip(lora_a, lora_b)], dim=1
+    )
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [2, 2, 2, 2, 2], [0, 3, 3, 1, 0, 2], [1, -1, 1, -1, 3], [-1, -1, -1], [1] * 80,
+        [3] * 40 + [-1] * 30 + [0, 2, 0] + [2] * 20, [3, -1, 0, 0, 2] * 14,
+    ],
+    # Few rows: every slot at once; many: sequence by sequence, or slot by slot when the
+    # rows alternate too often.
+    ids=["one-adapter", "four-adapters", "adapters-and-base", "base-only", "one-adapter-prefill",
+         "prefills-and-decodes", "many-rows-alternating"],
+)
+def test_a_whole_layer_matches_the_per_token_reference(indices: list[int]) -> None:
+    lora_a, lora_b = layer_weights(seed=2)
+    wrapper = punica_wrapper(indices)
+    x = torch.randn(len(indices), HIDDEN)
+    y = torch.ones(len(indices), sum(SLICES))
+    ops.register()
+    wrapper.add_lora_linear(y, x, lora_a, lora_b, 0.5, SLICES)
+    torch.testing.assert_close(y, 1 + layer_reference(x, lora_a, lora_b, indices, 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_loaded_into_a_slot_is_used_from_the_next_step() -> None:
+    """The whole-layer path multiplies by a copy of the slot weights: activating an
+    adapter (vLLM writes its weights into a slot) must make that copy stale."""
+    pytest.importorskip("vllm")
+    from vllm.lora.model_manager import LoRAModelManager
+
+    ops.register()
+    lora_a, lora_b = layer_weights(seed=3)
+    indices = [0, 2, -1, 2]
+    x = torch.randn(len(indices), HIDDEN)
+
+    def step() -> torch.Tensor:
+        y = torch.zeros(len(indices), sum(SLICES))
+        punica_wrapper(indices).add_lora_linear(y, x, lora_a, lora_b, 1.0, SLICES)
+        return y
+
+    step()  # the copy now exists
+    # vLLM calls activate_adapter for every adapter of every step; only a call that
+    # wrote weights (returns True) may make the copies stale, or each step rebuilds them.
+    generation = ops._generation
+    assert not ops._note_slot_writes(lambda manager, lora_id: False)(None, 7)
+    assert ops._generation == generation
+    fresh_a, fresh_b = layer_weights(seed=4)
+
+    def load_into_slot_2(manager: SimpleNamespace, lora_id: int) -> bool:  # what activation does
+        for stacked, fresh in zip(lora_a + lora_b, fresh_a + fresh_b):
+            stacked[2].copy_(fresh[2])
+        manager.lora_index_to_id[2] = lora_id
+        return True
+
+    # register() wrapped vLLM's activate_adapter the same way.
+    assert hasattr(LoRAModelManager.activate_adapter, "__wrapped__")
+    assert ops._note_slot_writes(load_into_slot_2)(SimpleNamespace(lora_index_to_id=[None] * SLOTS), 7)
+    torch.testing.assert_close(step(), layer_reference(x, lora_a, lora_b, indices, 1.0), rtol=1e-4, atol=1e-4)

@@ -162,7 +162,12 @@ class VLLMConfig(_Section):
         description="vLLM --max-cpu-loras, and how many adapters the gateway keeps "
         "registered in vLLM (least recently used idle ones are unloaded).",
     )
-    max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank.")
+    max_lora_rank: int = Field(
+        64,
+        ge=1,
+        description="vLLM --max-lora-rank. vLLM pads every adapter to it: set it to your "
+        "adapters' largest rank.",
+    )
     breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     launch: VLLMLaunchConfig = Field(default_factory=VLLMLaunchConfig)
 

@@ -7,6 +7,11 @@ on SmolLM2-135M a 40-token prefill moves ~3 GB, which made an adapter request ~1
 slower than a base one. The GPU kernels do no such copy; these ops do what they do:
 one matmul per adapter present in the batch, on the rows that use it.
 
+A linear layer's whole LoRA (every slice: q, k and v, or gate and up) is one call,
+`add_lora_linear`. For the few rows of a decode step it runs as two or three matmuls
+against a copy of the layer's slot weights laid out for it, instead of a shrink and an
+expand per slice: at decode sizes the count of ops, not the arithmetic, is the cost.
+
 Semantics follow vLLM's ops, with one fix: a token with index -1 (no adapter, a base
 request batched with adapter requests) gets no LoRA term, as on GPU, where the torch
 ops read `weights[-1]`, the last adapter slot.
@@ -19,7 +24,7 @@ other platforms. `VLLM_PLUGINS` (a list of plugin names to load) turns it off.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,6 +44,10 @@ _ALL_SLOTS_MAX_BYTES = 1 << 20
 # weights; at decode sizes what the ops cost is mostly their bookkeeping. Both caches
 # stay small: a few index patterns per step, one view per (weights, slot).
 _MAX_PLANS = 64
+# The fused layer path keeps a copy of each layer's slot weights; past this size per
+# layer the copy is not worth its memory and the per-slice ops run instead.
+_FUSED_MAX_BYTES = 8 << 20
+_MAX_RUNS = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class _Plan:
     picked: torch.Tensor | None = None  # per row: its slot, with -1 clamped to 0
     row_numbers: torch.Tensor | None = None
     no_lora_rows: torch.Tensor | None = None
+    # Contiguous rows sharing a slot, as (slot, start, end): a prefilled sequence is one.
+    runs: tuple[tuple[int, int, int], ...] = ()
+    slot_masks: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, compare=False)
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -63,7 +75,12 @@ def _make_plan(indices: torch.Tensor) -> _Plan:
         return _Plan([(slots[0], None)], rows)
     groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in slots]
     no_lora = groups[0][1] if slots[0] < 0 else None
-    return _Plan(groups, rows, indices.clamp(min=0).long(), torch.arange(rows), no_lora)
+    runs, start, values = [], 0, indices.tolist()
+    for row in range(1, rows + 1):
+        if row == rows or values[row] != values[start]:
+            runs.append((values[start], start, row))
+            start = row
+    return _Plan(groups, rows, indices.clamp(min=0).long(), torch.arange(rows), no_lora, tuple(runs))
 
 
 def _plan(key: tuple, indices: Callable[[], torch.Tensor]) -> _Plan:
@@ -250,6 +267,162 @@ def sgmv_expand_slice(  # type: ignore[no-untyped-def]
     _expand_slice(inputs, lora_b_weights, output_tensor, plan, slice_offset, slice_size, add_inputs)
 
 
+# --- whole-layer LoRA for decode-sized batches --------------------------------------
+
+# vLLM writes adapter weights into its slots only in LoRAModelManager.activate_adapter;
+# register() wraps it to count writes and note the slot, and a layer's copy refreshes
+# the slots written since it was last brought up to date (all of them after a failure).
+_generation = 0
+_slot_written_at: dict[int, int] = {}
+_all_written_at = 0
+
+
+@dataclass
+class _FusedLayer:
+    """One layer's slot weights, copied into the layout the fused path multiplies by."""
+
+    generation: int
+    source: torch.Tensor  # lora_a[0], whose address keys the cache: held, so never reused
+    slots: int
+    rank: int
+    slices: int
+    shrink: torch.Tensor  # (slots * slices * rank, in): rows ordered slot, slice, rank
+    expand: tuple[torch.Tensor, ...]  # per slice (slots * rank, out): rows ordered slot, rank
+
+    def copy_slot(self, slot: int, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> None:
+        in_dim = self.shrink.shape[1]
+        block = self.shrink[slot * self.slices * self.rank : (slot + 1) * self.slices * self.rank]
+        for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+            block[i * self.rank : (i + 1) * self.rank].copy_(a[slot].reshape(self.rank, in_dim))
+            self.expand[i][slot * self.rank : (slot + 1) * self.rank].copy_(b[slot].reshape(-1, self.rank).T)
+
+
+_fused: dict[tuple[int, torch.dtype], _FusedLayer] = {}
+
+
+def _fused_layer(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], dtype: torch.dtype) -> _FusedLayer | None:
+    key = (lora_a[0].data_ptr(), dtype)
+    layer = _fused.get(key)
+    if layer is not None and layer.generation == _generation:
+        return layer
+    if layer is not None and _all_written_at <= layer.generation:
+        # Only what activations wrote since: one slot each, not every slot's weights.
+        for slot, written_at in _slot_written_at.items():
+            if written_at > layer.generation:
+                layer.copy_slot(slot, lora_a, lora_b)
+        layer.generation = _generation
+        return layer
+    slots, rank, in_dim = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
+    size = sum(a.numel() for a in lora_a) + sum(b.numel() for b in lora_b)
+    if size * torch.tensor([], dtype=dtype).element_size() > _FUSED_MAX_BYTES:
+        return None
+    shrink = torch.stack([a.reshape(slots, rank, in_dim) for a in lora_a], dim=1)
+    expand = tuple(b.reshape(slots, b.shape[-2], rank).transpose(1, 2).reshape(slots * rank, b.shape[-2]) for b in lora_b)
+    layer = _FusedLayer(
+        _generation, lora_a[0], slots, rank, len(lora_a),
+        shrink.reshape(-1, in_dim).to(dtype).contiguous(),
+        tuple(e.to(dtype).contiguous() for e in expand),
+    )
+    _fused[key] = layer
+    return layer
+
+
+def _slot_mask(plan: _Plan, slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, slots, 1, 1): 1 where a row uses a slot; all 0 for rows without adapter."""
+    mask = plan.slot_masks.get((slots, dtype))
+    if mask is None:
+        mask = torch.zeros(plan.rows, slots, dtype=dtype)
+        for slot, rows in plan.groups:
+            if slot >= 0:
+                mask[rows, slot] = 1.0
+        mask = plan.slot_masks[(slots, dtype)] = mask.view(plan.rows, slots, 1, 1)
+    return mask
+
+
+def add_lora_linear(  # type: ignore[no-untyped-def]
+    wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
+) -> None:
+    """PunicaWrapperCPU.add_lora_linear: y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T
+    for each row's slot, every slice at once."""
+    x2 = x.view(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    indices = wrapper.token_lora_indices
+    plan = _token_plan(indices) if indices.shape[0] == x2.shape[0] else None
+    if plan is not None and len(plan.groups) == 1 and plan.groups[0][0] < 0:
+        return  # no row uses an adapter
+    layer = None
+    # A mix of adapters is multiplied by every slot, which few rows make cheap; many rows
+    # (prefill) go sequence by sequence, while those are few.
+    mixed_rows = plan is not None and plan.picked is not None and plan.rows > _ALL_SLOTS_MAX_ROWS
+    if plan is not None and x2.dtype == y2.dtype and not (mixed_rows and len(plan.runs) > _MAX_RUNS):
+        layer = _fused_layer(lora_a_stacked, lora_b_stacked, x2.dtype)
+    if layer is None:
+        _original_add_lora_linear(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        return
+    if plan.picked is None:
+        _add_one_slot(layer, plan.groups[0][0], x2, y2, scale, output_slices)
+    elif mixed_rows:
+        for slot, start, end in plan.runs:
+            if slot >= 0:
+                _add_one_slot(layer, slot, x2[start:end], y2[start:end], scale, output_slices)
+    else:  # every slot at once, each row keeping its own slot's share
+        mask = _slot_mask(plan, layer.slots, x2.dtype)
+        hidden = (x2 @ layer.shrink.T).view(plan.rows, layer.slots, layer.slices, layer.rank).mul_(mask)
+        parts = [hidden[:, :, i].reshape(plan.rows, -1) for i in range(layer.slices)]
+        _add_expanded(layer, parts, slice(None), y2, scale, output_slices)
+
+
+def _add_one_slot(
+    layer: _FusedLayer, slot: int, x: torch.Tensor, y: torch.Tensor, scale: float, output_slices: tuple[int, ...]
+) -> None:
+    """Rows that all use one slot: its own rows of the copies, nothing else."""
+    per_slot = layer.slices * layer.rank
+    hidden = x @ layer.shrink[slot * per_slot : (slot + 1) * per_slot].T  # (rows, slices * rank)
+    parts = [hidden[:, i * layer.rank : (i + 1) * layer.rank] for i in range(layer.slices)]
+    _add_expanded(layer, parts, slice(slot * layer.rank, (slot + 1) * layer.rank), y, scale, output_slices)
+
+
+def _add_expanded(
+    layer: _FusedLayer,
+    parts: list[torch.Tensor],
+    expand_rows: slice,
+    y: torch.Tensor,
+    scale: float,
+    output_slices: tuple[int, ...],
+) -> None:
+    offset = 0
+    for part, weights, size in zip(parts, layer.expand, output_slices):
+        width = min(size, weights.shape[1])
+        y[:, offset : offset + width].addmm_(part, weights[expand_rows, :width], alpha=scale)
+        offset += size
+
+
+_original_add_lora_linear: Callable[..., None]
+
+
+def _note_slot_writes(activate: Callable[..., bool]) -> Callable[..., bool]:
+    def activate_adapter(self, lora_id: int) -> bool:  # type: ignore[no-untyped-def]
+        # vLLM calls it for every adapter of every step; it returns True only when it
+        # wrote an adapter's weights into a free slot. A failure may have written some.
+        global _generation, _all_written_at
+        try:
+            wrote = activate(self, lora_id)
+        except BaseException:
+            _generation += 1
+            _all_written_at = _generation
+            raise
+        if wrote:
+            _generation += 1
+            try:
+                _slot_written_at[self.lora_index_to_id.index(lora_id)] = _generation
+            except (AttributeError, ValueError):  # no record of the slot: refresh all
+                _all_written_at = _generation
+        return wrote
+
+    activate_adapter.__wrapped__ = activate  # type: ignore[attr-defined]
+    return activate_adapter
+
+
 def register() -> None:
     """vLLM's `vllm.general_plugins` hook; may run more than once per process."""
     from vllm.platforms import current_platform
@@ -258,10 +431,18 @@ def register() -> None:
         return
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper import punica_cpu
 
+    global _original_add_lora_linear
     # punica_cpu imported the names from torch_ops, which imported them from lora_ops.
     for module in (lora_ops, torch_ops, punica_cpu):
         for name in PATCHED:
             setattr(module, name, globals()[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if wrapper.add_lora_linear is not add_lora_linear:
+        _original_add_lora_linear = wrapper.add_lora_linear
+        wrapper.add_lora_linear = add_lora_linear
+    if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
+        LoRAModelManager.activate_adapter = _note_slot_writes(LoRAModelManager.activate_adapter)
     log.info("tuneserve: grouped CPU LoRA ops in place of vLLM's gather-per-token ones")
