@@ -8,9 +8,10 @@ slower than a base one. The GPU kernels do no such copy; these ops do what they 
 one matmul per adapter present in the batch, on the rows that use it.
 
 A linear layer's whole LoRA (every slice: q, k and v, or gate and up) is one call,
-`add_lora_linear`. For the few rows of a decode step it runs as two or three matmuls
-against a copy of the layer's slot weights laid out for it, instead of a shrink and an
-expand per slice: at decode sizes the count of ops, not the arithmetic, is the cost.
+`add_lora_linear`. It runs as two to four matmuls against a copy of the layer's slot
+weights laid out for it, instead of a shrink and an expand per slice: at decode sizes
+the count of ops, not the arithmetic, is the cost. A decode step that mixes adapters
+multiplies by every slot at once; a step with prefills goes sequence by sequence.
 
 Semantics follow vLLM's ops, with one fix: a token with index -1 (no adapter, a base
 request batched with adapter requests) gets no LoRA term, as on GPU, where the torch
@@ -47,6 +48,7 @@ _MAX_PLANS = 64
 # The fused layer path keeps a copy of each layer's slot weights; past this size per
 # layer the copy is not worth its memory and the per-slice ops run instead.
 _FUSED_MAX_BYTES = 8 << 20
+# Many rows that switch adapters more often than this go slot by slot (the ops above).
 _MAX_RUNS = 16
 
 
@@ -69,13 +71,14 @@ _views: dict[tuple[int, tuple[int, ...], int], torch.Tensor] = {}
 
 
 def _make_plan(indices: torch.Tensor) -> _Plan:
-    slots = sorted(set(indices.tolist()))
-    rows = indices.shape[0]
+    values = indices.tolist()
+    slots = sorted(set(values))
+    rows = len(values)
     if len(slots) == 1:
         return _Plan([(slots[0], None)], rows)
     groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in slots]
     no_lora = groups[0][1] if slots[0] < 0 else None
-    runs, start, values = [], 0, indices.tolist()
+    runs, start = [], 0
     for row in range(1, rows + 1):
         if row == rows or values[row] != values[start]:
             runs.append((values[start], start, row))
@@ -297,24 +300,27 @@ class _FusedLayer:
             self.expand[i][slot * self.rank : (slot + 1) * self.rank].copy_(b[slot].reshape(-1, self.rank).T)
 
 
-_fused: dict[tuple[int, torch.dtype], _FusedLayer] = {}
+# None: the layer's slots are too large to copy, decided once (the sizes never change).
+_fused: dict[tuple[int, torch.dtype], _FusedLayer | None] = {}
 
 
 def _fused_layer(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], dtype: torch.dtype) -> _FusedLayer | None:
     key = (lora_a[0].data_ptr(), dtype)
-    layer = _fused.get(key)
-    if layer is not None and layer.generation == _generation:
-        return layer
-    if layer is not None and _all_written_at <= layer.generation:
-        # Only what activations wrote since: one slot each, not every slot's weights.
-        for slot, written_at in _slot_written_at.items():
-            if written_at > layer.generation:
-                layer.copy_slot(slot, lora_a, lora_b)
-        layer.generation = _generation
-        return layer
+    if key in _fused:
+        layer = _fused[key]
+        if layer is None or layer.generation == _generation:
+            return layer
+        if _all_written_at <= layer.generation:
+            # Only what activations wrote since: one slot each, not every slot's weights.
+            for slot, written_at in _slot_written_at.items():
+                if written_at > layer.generation:
+                    layer.copy_slot(slot, lora_a, lora_b)
+            layer.generation = _generation
+            return layer
     slots, rank, in_dim = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
     size = sum(a.numel() for a in lora_a) + sum(b.numel() for b in lora_b)
-    if size * torch.tensor([], dtype=dtype).element_size() > _FUSED_MAX_BYTES:
+    if size * torch.empty(0, dtype=dtype).element_size() > _FUSED_MAX_BYTES:
+        _fused[key] = None
         return None
     shrink = torch.stack([a.reshape(slots, rank, in_dim) for a in lora_a], dim=1)
     expand = tuple(b.reshape(slots, b.shape[-2], rank).transpose(1, 2).reshape(slots * rank, b.shape[-2]) for b in lora_b)
