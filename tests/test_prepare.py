@@ -49,4 +49,7 @@ def test_a_dir_prepared_with_an_older_layout_is_rebuilt(tmp_path: Path, monkeypa
     assert (model_dir / GGUF_NAME).read_bytes() == b"GGUF"  # the failed rebuild left it as it was
 
     (model_dir / MARKER).write_text(json.dumps({"layout": prepare.LAYOUT, "hf": "hf", "gguf": GGUF_NAME}))
+    with pytest.raises(ModelPreparationError, match="rebuild attempted"):  # the f16 is missing
+        prepare.prepare_default_model(model_dir)
+    (model_dir / F16_GGUF_NAME).write_bytes(b"GGUF")
     assert prepare.prepare_default_model(model_dir).reused

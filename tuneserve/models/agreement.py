@@ -1,17 +1,10 @@
-"""Greedy agreement between two GGUF files: a cheap check that a quant still answers
-like its reference. The full export quality gate (perplexity too) builds on it."""
+"""llama.cpp's view of a GGUF for the export quality gate and the tests: greedy answers
+and teacher-forced next-token logits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
-
-PROBE_PROMPTS = (
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "What is 2 plus 2?",
-    "Write one sentence about the sea.",
-)
 
 
 def greedy_texts(gguf: Path, chat_template_prompts: Sequence[str], max_tokens: int = 16) -> list[str]:
@@ -31,12 +24,6 @@ def greedy_texts(gguf: Path, chat_template_prompts: Sequence[str], max_tokens: i
         return texts
     finally:
         llama.close()
-
-
-def greedy_agreement(candidate: Path, reference: Path, prompts: Sequence[str]) -> float:
-    """Fraction of prompts whose greedy continuation is identical on both files."""
-    a, b = greedy_texts(candidate, prompts), greedy_texts(reference, prompts)
-    return sum(x == y for x, y in zip(a, b)) / len(prompts)
 
 
 def _llama(gguf: Path, lora: Path | None, n_ctx: int, n_batch: int = 512) -> "Llama":  # noqa: F821

@@ -123,7 +123,8 @@ def prepare_default_model(model_dir: Path, force: bool = False) -> PreparedModel
     hf_path = model_dir / "hf"
     gguf_path = model_dir / GGUF_NAME
     marker = model_dir / MARKER
-    if not force and _prepared_layout(marker) == LAYOUT and hf_path.is_dir() and gguf_path.is_file():
+    files_present = hf_path.is_dir() and gguf_path.is_file() and (model_dir / F16_GGUF_NAME).is_file()
+    if not force and _prepared_layout(marker) == LAYOUT and files_present:
         return PreparedModel(hf_path=hf_path, gguf_path=gguf_path, reused=True)
 
     source = find_source_gguf()
