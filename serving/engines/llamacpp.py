@@ -49,6 +49,27 @@ class _Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+def _evaluate_all_but_last(llama: Any, tokens: list[int]) -> None:
+    """Bring the KV cache to exactly tokens[:-1], reusing what it already holds.
+
+    llama.generate then evaluates the last prompt token alone, whatever the cache held.
+    Otherwise it would sometimes be part of a prompt batch (cold) and sometimes replayed
+    alone (a cache hit), and llama.cpp multiplies a batch and a single token with
+    different kernels: on a quantized model, the same request at temperature 0 would
+    answer differently depending on the request before it.
+    """
+    import numpy as np
+
+    cached = llama._input_ids  # what the KV cache holds, llama-cpp-python's own record
+    wanted = len(tokens) - 1
+    common = min(len(cached), wanted)
+    differ = np.flatnonzero(cached[:common] != np.asarray(tokens[:common], dtype=cached.dtype))
+    prefix = int(differ[0]) if differ.size else common
+    if prefix < wanted:
+        llama.n_tokens = prefix  # eval() drops the cache past n_tokens before decoding
+        llama.eval(tokens[prefix:-1])
+
+
 class StopMatcher:
     """Cuts streamed text at the first stop string, holding back a possible prefix."""
 
@@ -172,6 +193,7 @@ class _Worker:
                 code="context_length_exceeded",
             )
         max_tokens = params.max_tokens or budget
+        _evaluate_all_but_last(llama, tokens)
 
         llama.set_seed(_RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
