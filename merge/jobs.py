@@ -317,19 +317,26 @@ def run_job(
 
     beat = threading.Thread(target=heartbeat, name=f"job-{job_id}-heartbeat", daemon=True)
     in_main = threading.current_thread() is threading.main_thread()
-    # Before the job shows as running, so a cancel's SIGTERM always finds the handler.
+    # Before the job shows as running, so a cancel's SIGTERM always finds the handler;
+    # and held back until the `try` below, which is what turns it into a cancelled job
+    # (a cancel sent the moment the row says "running" used to land before it).
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    if in_main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         jobs._start(job_id)
     except BaseException:
         if in_main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGTERM, previous)
         raise
-    beat.start()
     handler = _JobLogHandler(jobs, job_id)
     root = logging.getLogger()
-    root.addHandler(handler)
     try:
+        if in_main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        beat.start()
+        root.addHandler(handler)
         if jobs.cancel_requested(job_id):
             raise JobCancelled(f"job {job_id} cancelled")
         outputs = work(ctx)

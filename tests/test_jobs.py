@@ -140,3 +140,30 @@ def test_export_refused_up_front_when_the_disk_is_short(full_models, tmp_path, m
     monkeypatch.undo()
     jobs = job_of(cli("jobs", "list", data_dir=tmp_path / "data"))
     assert [j["status"] for j in jobs] == ["failed"] and "needs about" in jobs[0]["error"]
+
+
+def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(tmp_path, monkeypatch):
+    """The cancel that arrives the instant the row says "running" (the window the CLI test
+    above races through) ends the job cancelled, never as a stray signal and a stuck row."""
+    import pytest
+
+    from merge.jobs import JobError, JobStatus, JobStore, run_job, submit
+    from tuneserve.store import Store
+
+    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+    started = JobStore._start
+
+    def start_then_cancel(self: JobStore, job: str) -> None:
+        started(self, job)
+        self.request_cancel(job)  # flags the row and SIGTERMs this very process
+
+    monkeypatch.setattr(JobStore, "_start", start_then_cancel)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    ran = []
+    with pytest.raises(JobError, match="cancelled"):
+        run_job(jobs, job_id, lambda ctx: ran.append(1) or [])
+    assert ran == [] and jobs.get(job_id).status is JobStatus.cancelled
+    # The process is left as it was: its own SIGTERM handler, the signal not blocked.
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
