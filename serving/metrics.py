@@ -10,9 +10,10 @@ with adapter "base" and fails with 404), so their product is bounded by the regi
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.core import GaugeMetricFamily
 
 from serving.engines.base import Engine
@@ -33,6 +34,7 @@ class GatewayMetrics:
     def __init__(self, served_models: Iterable[str], registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._models = set(served_models)
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "tuneserve_requests",
@@ -98,6 +100,18 @@ class GatewayMetrics:
             ["from_backend", "to_backend", "reason"],
             registry=r,
         )
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered.
+
+        prometheus_client validates and locks on every `labels()` call, several times a
+        request; label sets are bounded (see above) and never removed, so a dict suffices.
+        """
+        key = (metric, values)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = metric.labels(*values)
+        return series
 
     def model_label(self, model: str | None) -> str:
         return model if model in self._models else "unknown"
@@ -166,12 +180,12 @@ class RequestTimer:
         self._finished = False
         # Called once with the request's total tokens when it ends (per-tenant limits).
         self.on_finish: Callable[[int], None] | None = None
-        metrics.in_flight.labels(NO_BACKEND).inc()
+        metrics.child(metrics.in_flight, NO_BACKEND).inc()
 
     def routed(self, backend: str) -> None:
-        self.metrics.in_flight.labels(self.backend).dec()
+        self.metrics.child(self.metrics.in_flight, self.backend).dec()
         self.backend = backend
-        self.metrics.in_flight.labels(backend).inc()
+        self.metrics.child(self.metrics.in_flight, backend).inc()
 
     def on_tokens(self, count: int, timed: bool = True) -> None:
         self.tokens_seen += count
@@ -179,10 +193,10 @@ class RequestTimer:
             return
         now = time.perf_counter()
         if self._last_token_at is None:
-            self.metrics.ttft.labels(*self._labels()).observe(now - self.start)
+            self.metrics.child(self.metrics.ttft, *self._labels()).observe(now - self.start)
         elif count > 0:
             gap = (now - self._last_token_at) / count
-            itl = self.metrics.itl.labels(*self._labels())
+            itl = self.metrics.child(self.metrics.itl, *self._labels())
             for _ in range(count):
                 itl.observe(gap)
         self._last_token_at = now
@@ -200,11 +214,11 @@ class RequestTimer:
             self.on_finish(prompt_tokens + completion_tokens)
         self._finished = True
         m = self.metrics
-        m.in_flight.labels(self.backend).dec()
+        m.child(m.in_flight, self.backend).dec()
         labels = self._labels()
-        m.requests.labels(self.endpoint, self.backend, self.model, str(status), self.tenant, self.adapter).inc()
-        m.latency.labels(self.endpoint, *labels).observe(time.perf_counter() - self.start)
+        m.child(m.requests, self.endpoint, self.backend, self.model, str(status), self.tenant, self.adapter).inc()
+        m.child(m.latency, self.endpoint, *labels).observe(time.perf_counter() - self.start)
         if prompt_tokens:
-            m.prompt_tokens.labels(*labels).inc(prompt_tokens)
+            m.child(m.prompt_tokens, *labels).inc(prompt_tokens)
         if completion_tokens:
-            m.completion_tokens.labels(*labels).inc(completion_tokens)
+            m.child(m.completion_tokens, *labels).inc(completion_tokens)

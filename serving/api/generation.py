@@ -1,16 +1,20 @@
-"""Chat and completion requests, end to end: parse, route, stream or collect, measure."""
+"""Chat and completion requests, end to end: parse, route, stream or collect, measure.
+
+These two routes are plain ASGI apps rather than FastAPI endpoints: they carry every
+generated token, and FastAPI's dependency solving plus Starlette's streaming task group
+cost more per request than the rest of the gateway together (benchmarks/gateway_overhead.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import time
 import uuid
 from typing import AsyncIterator, Literal
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope, Send
 
 from serving.api.parsing import parse_body, read_body
 from serving.api.responses import SSE_DONE, ResponseFormatter, sse
@@ -24,7 +28,38 @@ from serving.tenancy import ADMIN_LABEL, Tenancy, to_ref
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away"; a metrics label only
-DISCONNECT_POLL_S = 0.25
+Kind = Literal["chat", "completion"]
+
+
+class HangUpWatch:
+    """Cancels the request's task when its client disconnects.
+
+    Armed once the body is read, when the server's `receive()` can only report a
+    hang-up. One waiting task per request: Starlette's StreamingResponse spends an
+    anyio task group on this, and a non-streamed answer would otherwise poll.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self.hung_up = False
+
+    def arm(self) -> None:
+        target = asyncio.current_task()
+        assert target is not None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(target))
+
+    async def _watch(self, target: asyncio.Task) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.hung_up = True
+        target.cancel()
+
+    def disarm(self) -> None:
+        """Before the last byte: once a response completes, the server reports a disconnect."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
 
 class GenerationService:
@@ -44,93 +79,94 @@ class GenerationService:
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
 
-    async def handle(self, http: Request, kind: Literal["chat", "completion"]) -> Response:
-        endpoint = "chat" if kind == "chat" else "completions"
-        timer = RequestTimer(self.metrics, endpoint, None)
+    def endpoint(self, kind: Kind) -> "GenerationEndpoint":
+        return GenerationEndpoint(self, kind)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
+        timer = RequestTimer(self.metrics, "chat" if kind == "chat" else "completions", None)
+        watch = HangUpWatch(receive)
         try:
-            principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
-            timer.tenant = principal.tenant or ADMIN_LABEL
-            raw = await read_body(http, self.max_body_bytes)
-            body = parse_body(raw, ChatCompletionRequest if kind == "chat" else CompletionRequest)
-            record = self.tenancy.resolve_model(principal, body.model)
-            timer.model = self.served_model
-            if record is not None:
-                timer.tenant, timer.adapter = record.tenant, record.name
-            tenant = timer.tenant
-            self.tenancy.limiter.acquire(tenant)
-            timer.on_finish = lambda tokens: self.tenancy.limiter.release(tenant, tokens)
-            request = to_generation_request(body, to_ref(record) if record else None)
-            deadline = time.monotonic() + self.timeout_s
-            try:
-                # A non-streamed request may be generated whole inside open().
-                async with asyncio.timeout_at(_loop_time(deadline)):
-                    routed = await self.router.open(request)
-            except TimeoutError:
-                raise RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.") from None
+            await self._serve(Request(scope, receive), send, kind, timer, watch)
+        except asyncio.CancelledError:
+            timer.finish(CLIENT_CLOSED)
+            if not watch.hung_up:
+                raise  # the server is shutting down
+            # Ours, from the watch: nobody is left to answer.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except ClientDisconnect:  # gone before its body was read: nothing to answer or log
+            timer.finish(CLIENT_CLOSED)
         except ApiError as exc:
             timer.finish(exc.status_code)
-            raise
+            raise  # the app's handler writes the OpenAI error body
         except Exception:
             timer.finish(500)
             raise
+        finally:
+            watch.disarm()
+
+    async def _serve(self, http: Request, send: Send, kind: Kind, timer: RequestTimer, watch: HangUpWatch) -> None:
+        principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
+        timer.tenant = principal.tenant or ADMIN_LABEL
+        raw = await read_body(http, self.max_body_bytes)
+        watch.arm()
+        body = parse_body(raw, ChatCompletionRequest if kind == "chat" else CompletionRequest)
+        record = self.tenancy.resolve_model(principal, body.model)
+        timer.model = self.served_model
+        if record is not None:
+            timer.tenant, timer.adapter = record.tenant, record.name
+        tenant = timer.tenant
+        self.tenancy.limiter.acquire(tenant)
+        timer.on_finish = lambda tokens: self.tenancy.limiter.release(tenant, tokens)
+        request = to_generation_request(body, to_ref(record) if record else None)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            # A non-streamed request may be generated whole inside open().
+            async with asyncio.timeout_at(deadline):
+                routed = await self.router.open(request)
+        except TimeoutError:
+            raise self._timeout() from None
         timer.routed(routed.backend)
         formatter = ResponseFormatter(kind, request.request_id, body.model)
-        headers = {"x-request-id": request.request_id, "x-tuneserve-backend": routed.backend}
+        headers = [(b"x-request-id", request.request_id.encode()), (b"x-tuneserve-backend", routed.backend.encode())]
         if body.stream:
-            return StreamingResponse(
-                self._stream(routed, formatter, timer, body.include_usage, deadline),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
-            )
-        return await self._respond_whole(http, routed, formatter, timer, headers, deadline)
+            await self._stream(routed, formatter, timer, body.include_usage, deadline, send, headers, watch)
+        else:
+            await self._respond_whole(routed, formatter, timer, deadline, send, headers, watch)
 
-    async def _collect(self, routed: RoutedStream, timer: RequestTimer, deadline: float) -> tuple[str, str, Usage]:
-        parts: list[str] = []
-        finish, usage = "stop", None
-        async with asyncio.timeout_at(_loop_time(deadline)):
-            async for event in routed.events():
-                if isinstance(event, TextDelta):
-                    timer.on_tokens(event.tokens, event.timed)
-                    parts.append(event.text)
-                    finish = event.finish_reason or finish
-                else:
-                    usage = event
-        if usage is None:
-            raise EngineFailed(f"{routed.backend} ended without usage")
-        return "".join(parts), finish, usage
+    def _timeout(self) -> RequestTimeout:
+        return RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
 
     async def _respond_whole(
         self,
-        http: Request,
         routed: RoutedStream,
         formatter: ResponseFormatter,
         timer: RequestTimer,
-        headers: dict[str, str],
         deadline: float,
-    ) -> Response:
-        task = asyncio.create_task(self._collect(routed, timer, deadline))
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        watch: HangUpWatch,
+    ) -> None:
+        parts: list[str] = []
+        finish, usage = "stop", None
         try:
-            # Cancel the generation if the client hangs up while waiting.
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await http.is_disconnected():
-                    task.cancel()
-                    timer.finish(CLIENT_CLOSED)
-                    return Response(status_code=CLIENT_CLOSED)
-            text, finish, usage = task.result()
+            async with asyncio.timeout_at(deadline):
+                async for event in routed.events():
+                    if isinstance(event, TextDelta):
+                        timer.on_tokens(event.tokens, event.timed)
+                        parts.append(event.text)
+                        finish = event.finish_reason or finish
+                    else:
+                        usage = event
         except TimeoutError:
-            error = RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
-            timer.finish(error.status_code)
-            raise error from None
-        except ApiError as exc:
-            timer.finish(exc.status_code)
-            raise
+            raise self._timeout() from None
         finally:
-            if not task.done():
-                task.cancel()
             await routed.aclose()
+        if usage is None:
+            raise EngineFailed(f"{routed.backend} ended without usage")
+        payload = formatter.whole("".join(parts), finish, usage)
         timer.finish(200, usage.prompt_tokens, usage.completion_tokens)
-        return JSONResponse(formatter.whole(text, finish, usage), headers=headers)
+        watch.disarm()
+        await _send_json(send, payload, headers)
 
     async def _stream(
         self,
@@ -139,45 +175,66 @@ class GenerationService:
         timer: RequestTimer,
         include_usage: bool,
         deadline: float,
-    ) -> AsyncIterator[bytes]:
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        watch: HangUpWatch,
+    ) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         status, usage, finish = 200, None, "stop"
         # Chunks ready together go out in one write: the role chunk with the first text,
         # and finish, usage and [DONE] at the end. Each write is a syscall here and a
         # wake-up in the client; every text chunk still leaves as soon as it exists.
         pending = formatter.chunk("", first=True) if formatter.kind == "chat" else b""
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
+            async with asyncio.timeout_at(deadline):
                 async for event in routed.events():
                     if isinstance(event, TextDelta):
                         timer.on_tokens(event.tokens, event.timed)
                         finish = event.finish_reason or finish
                         if event.text:
-                            yield pending + formatter.chunk(event.text)
+                            chunk = pending + formatter.chunk(event.text)
                             pending = b""
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     else:
                         usage = event
             tail = pending + formatter.chunk("", finish_reason=finish)
             if include_usage and usage is not None:
                 tail += formatter.usage_chunk(usage)
-            yield tail + SSE_DONE
-        except TimeoutError:
-            error = RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
-            status = error.status_code
-            yield pending + sse(error.body()) + SSE_DONE
-        except ApiError as exc:
+        except (TimeoutError, ApiError) as exc:
             # Headers are gone already: the error travels as an SSE event, as OpenAI does.
-            status = exc.status_code
-            log.warning("stream %s failed after first byte: %s", formatter.request_id, exc)
-            yield pending + sse(exc.body()) + SSE_DONE
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
+            error = self._timeout() if isinstance(exc, TimeoutError) else exc
+            status = error.status_code
+            log.warning("stream %s failed after first byte: %s", formatter.request_id, error)
+            tail = pending + sse(error.body())
         finally:
             await routed.aclose()
-            if usage is None:
-                timer.finish(status)
-            else:
-                timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+        if usage is None:
+            timer.finish(status)
+        else:
+            timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+        watch.disarm()
+        await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
+
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+async def _send_json(send: Send, payload: dict, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    start_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GenerationEndpoint:
+    """The ASGI app of one route (a class, so Starlette does not wrap it as a function endpoint)."""
+
+    def __init__(self, service: GenerationService, kind: Kind) -> None:
+        self.service = service
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.service.serve(scope, receive, send, self.kind)
 
 
 def to_generation_request(
@@ -200,9 +257,3 @@ def to_generation_request(
         adapter=adapter,
         stream=body.stream,
     )
-
-
-def _loop_time(deadline: float) -> float:
-    """Convert a time.monotonic() deadline to the event loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (deadline - time.monotonic())

@@ -61,6 +61,22 @@ def request_body(request: GenerationRequest, model: str, stream: bool = True) ->
     return body
 
 
+async def _sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Lines of an SSE body, read as whatever bytes have arrived.
+
+    vLLM sends each event in one write; reading line by line would wake this
+    coroutine once per line, blank separators included.
+    """
+    partial = b""
+    async for data in content.iter_any():
+        *lines, partial = (partial + data).split(b"\n")
+        for line in lines:
+            if line:
+                yield line.rstrip(b"\r")
+    if partial:
+        yield partial.rstrip(b"\r")
+
+
 def _error_message(payload: bytes) -> tuple[str, str | None]:
     try:
         error = json.loads(payload).get("error", {})
@@ -89,6 +105,9 @@ class VLLMEngine(Engine):
         self.launcher = launcher
         self.breaker = CircuitBreaker(config.breaker.failure_threshold, config.breaker.reset_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        connect = config.connect_timeout_s
+        self._first_byte_timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=config.first_byte_timeout_s)
+        self._whole_answer_timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=config.response_timeout_s)
         self._up = False
         self._detail = "not probed yet"
         self._probe_task: asyncio.Task[None] | None = None
@@ -100,11 +119,7 @@ class VLLMEngine(Engine):
             base_url=self.url,
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self.config.max_connections),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.config.connect_timeout_s,
-                sock_read=self.config.first_byte_timeout_s,
-            ),
+            timeout=self._first_byte_timeout,
         )
         if self.launcher is not None:
             self.launcher.set_health_check(lambda: self._up)
@@ -204,14 +219,14 @@ class VLLMEngine(Engine):
         assert self._session is not None
         path = "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
         stream = request.stream or self.config.always_stream
-        options: dict[str, Any] = {}
-        if not stream:  # a whole answer's headers come only when generation ends
-            options["timeout"] = aiohttp.ClientTimeout(
-                total=None, connect=self.config.connect_timeout_s, sock_read=self.config.response_timeout_s
-            )
         try:
             model = request.adapter.engine_name if request.adapter else self.model
-            response = await self._session.post(path, json=request_body(request, model, stream), **options)
+            response = await self._session.post(
+                path,
+                json=request_body(request, model, stream),
+                # A whole answer's headers come only when generation ends.
+                timeout=self._first_byte_timeout if stream else self._whole_answer_timeout,
+            )
         except asyncio.TimeoutError as exc:
             raise EngineUnavailable("timeout", "no response headers in time") from exc
         except aiohttp.ClientError as exc:
@@ -264,10 +279,10 @@ class VLLMEngine(Engine):
         finish_reason: str | None = None
         usage: Usage | None = None
         try:
-            async for raw in response.content:
-                if not raw.startswith(b"data: "):
+            async for line in _sse_lines(response.content):
+                if not line.startswith(b"data: "):
                     continue
-                data = raw[6:].decode().rstrip("\r\n")
+                data = line[6:].decode()
                 if data == "[DONE]":
                     # Read on to the end of the body so the connection goes back to the pool.
                     continue
