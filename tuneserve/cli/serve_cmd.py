@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.api.app import create_app
+    from serving.api.http_protocol import CoalescingHttpToolsProtocol
 
     settings = settings_from_args(args)
     check_model_files(settings)
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.server.port,
         log_level=settings.server.log_level,
         access_log=settings.server.log_level == "debug",
+        http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=10,
     )
     return 0
