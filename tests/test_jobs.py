@@ -12,6 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from merge.jobs import JobError, JobStatus, JobStore, run_job, submit
+from tuneserve.store import Store
 from tests.merge_factory import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
 from tests.adapter_factory import HF_DIR
 from tests.merge_factory import GGUF
@@ -145,11 +149,6 @@ def test_export_refused_up_front_when_the_disk_is_short(full_models, tmp_path, m
 def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(tmp_path, monkeypatch):
     """The cancel that arrives the instant the row says "running" (the window the CLI test
     above races through) ends the job cancelled, never as a stray signal and a stuck row."""
-    import pytest
-
-    from merge.jobs import JobError, JobStatus, JobStore, run_job, submit
-    from tuneserve.store import Store
-
     jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
     started = JobStore._start

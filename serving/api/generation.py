@@ -179,12 +179,12 @@ class GenerationService:
         headers: list[tuple[bytes, bytes]],
         watch: HangUpWatch,
     ) -> None:
+        # Headers, the role chunk and the first text leave in one socket write: the
+        # server's transport merges what is sent in one loop turn (http_protocol.py).
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+        if formatter.kind == "chat":
+            await send({"type": "http.response.body", "body": formatter.chunk("", first=True), "more_body": True})
         status, usage, finish = 200, None, "stop"
-        # Chunks ready together go out in one write: the role chunk with the first text,
-        # and finish, usage and [DONE] at the end. Each write is a syscall here and a
-        # wake-up in the client; every text chunk still leaves as soon as it exists.
-        pending = formatter.chunk("", first=True) if formatter.kind == "chat" else b""
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in routed.events():
@@ -192,12 +192,11 @@ class GenerationService:
                         timer.on_tokens(event.tokens, event.timed)
                         finish = event.finish_reason or finish
                         if event.text:
-                            chunk = pending + formatter.chunk(event.text)
-                            pending = b""
+                            chunk = formatter.chunk(event.text)
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     else:
                         usage = event
-            tail = pending + formatter.chunk("", finish_reason=finish)
+            tail = formatter.chunk("", finish_reason=finish)
             if include_usage and usage is not None:
                 tail += formatter.usage_chunk(usage)
         except (TimeoutError, ApiError) as exc:
@@ -205,7 +204,7 @@ class GenerationService:
             error = self._timeout() if isinstance(exc, TimeoutError) else exc
             status = error.status_code
             log.warning("stream %s failed after first byte: %s", formatter.request_id, error)
-            tail = pending + sse(error.body())
+            tail = sse(error.body())
         finally:
             await routed.aclose()
         if usage is None:
