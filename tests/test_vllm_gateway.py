@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,6 +63,36 @@ def test_streaming_through_vllm_with_usage(vllm_gateway: ServerProcess) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert completion.usage.completion_tokens <= 5
+
+
+def _upstream_ports(port: int) -> set[int]:
+    """Local ports of this host's TCP connections to `port`, closed ones in TIME_WAIT too."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, remote = row.split()[1:3]
+            if int(remote.rsplit(":", 1)[1], 16) == port:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_streamed_answers_keep_the_connection_to_vllm(vllm: ServerProcess, vllm_gateway: ServerProcess) -> None:
+    """The client's stream ends at vLLM's usage event; the gateway still reads vLLM's body to
+    its end, so the next request reuses the connection instead of opening a new one."""
+    client = openai_client(vllm_gateway)
+
+    def stream() -> list:
+        return list(client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=2, temperature=0, stream=True, stream_options={"include_usage": True}
+        ))
+
+    stream()
+    before = _upstream_ports(vllm.port)
+    for _ in range(6):
+        chunks = stream()
+        assert 0 < chunks[-1].usage.completion_tokens <= 2
+    # One new connection is allowed: a health probe may overlap a request.
+    assert len(_upstream_ports(vllm.port) - before) <= 1
 
 
 def _timing_counts(server: ServerProcess) -> tuple[float, float, float]:

@@ -184,7 +184,8 @@ class GenerationService:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         if formatter.kind == "chat":
             await send({"type": "http.response.body", "body": formatter.chunk("", first=True), "more_body": True})
-        status, usage, finish = 200, None, "stop"
+        finish = "stop"
+        ended = False  # the client has its last byte
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in routed.events():
@@ -194,23 +195,31 @@ class GenerationService:
                         if event.text:
                             chunk = formatter.chunk(event.text)
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    else:
-                        usage = event
-            tail = formatter.chunk("", finish_reason=finish)
-            if include_usage and usage is not None:
-                tail += formatter.usage_chunk(usage)
+                    elif not ended:
+                        # The Usage ends the answer: the client gets its end now, while
+                        # the engine tidies up (vLLM's [DONE] and end of body follow).
+                        ended = True
+                        tail = formatter.chunk("", finish_reason=finish)
+                        if include_usage:
+                            tail += formatter.usage_chunk(event)
+                        timer.finish(200, event.prompt_tokens, event.completion_tokens)
+                        await self._end_stream(send, tail, watch)
+            if not ended:
+                raise EngineFailed(f"{routed.backend} ended without usage")
         except (TimeoutError, ApiError) as exc:
+            if ended:
+                log.warning("%s failed after %s was answered: %s", routed.backend, formatter.request_id, exc)
+                return
             # Headers are gone already: the error travels as an SSE event, as OpenAI does.
             error = self._timeout() if isinstance(exc, TimeoutError) else exc
-            status = error.status_code
             log.warning("stream %s failed after first byte: %s", formatter.request_id, error)
-            tail = sse(error.body())
+            timer.finish(error.status_code)
+            await self._end_stream(send, sse(error.body()), watch)
         finally:
             await routed.aclose()
-        if usage is None:
-            timer.finish(status)
-        else:
-            timer.finish(status, usage.prompt_tokens, usage.completion_tokens)
+
+    @staticmethod
+    async def _end_stream(send: Send, tail: bytes, watch: HangUpWatch) -> None:
         watch.disarm()
         await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
 

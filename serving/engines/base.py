@@ -136,6 +136,8 @@ class Engine(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Yield TextDelta events, then exactly one Usage.
 
+        The Usage ends the answer: a consumer sends it on before asking for more, and
+        the engine may still tidy up (drain a connection) until the iterator ends.
         Raises `EngineUnavailable` before the first event when the request can go to
         another engine; any error after the first event is final for this request.
         Closing the iterator early cancels the generation.

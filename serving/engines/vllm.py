@@ -235,7 +235,7 @@ class VLLMEngine(Engine):
             raise EngineUnavailable("connect_error", type(exc).__name__) from exc
         try:
             await self._check_status(response)
-            events = self._events(response, request.kind) if stream else self._whole(response, request.kind)
+            events = sse_events(response.content, request.kind) if stream else self._whole(response, request.kind)
             async for event in events:
                 yield event
         finally:
@@ -274,39 +274,61 @@ class VLLMEngine(Engine):
         )
         yield usage
 
-    async def _events(self, response: aiohttp.ClientResponse, kind: str) -> AsyncIterator[GenerationEvent]:
-        started = False
-        finish_reason: str | None = None
-        usage: Usage | None = None
-        try:
-            async for line in _sse_lines(response.content):
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].decode()
-                if data == "[DONE]":
-                    # Read on to the end of the body so the connection goes back to the pool.
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    message, _ = _error_message(data.encode())
-                    raise EngineFailed(f"vLLM error: {message}")
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
-                for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                    if text:
-                        started = True
-                        yield TextDelta(text)
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            if not started:
-                raise EngineUnavailable("connect_error", f"stream broke: {type(exc).__name__}") from exc
-            raise EngineFailed(f"vLLM stream broke: {type(exc).__name__}") from exc
-        if usage is None:
-            if not started:
-                raise EngineUnavailable("upstream_5xx", "stream ended without usage")
-            raise EngineFailed("vLLM stream ended early")
-        yield TextDelta("", finish_reason=finish_reason or "stop", tokens=0)
-        yield usage
+
+async def sse_events(content: aiohttp.StreamReader, kind: str) -> AsyncIterator[GenerationEvent]:
+    """The events of a vLLM SSE body (de-chunked): text deltas, then the usage.
+
+    The answer ends at vLLM's usage event; reading on to the end of the body (which
+    returns the connection to the pool) happens after the usage is yielded.
+    """
+    started = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    lines = _sse_lines(content)
+    try:
+        async for line in lines:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                message, _ = _error_message(data)
+                raise EngineFailed(f"vLLM error: {message}")
+            choices = chunk.get("choices")
+            for choice in choices or ():
+                text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                if text:
+                    started = True
+                    yield TextDelta(text)
+            if chunk.get("usage"):
+                u = chunk["usage"]
+                usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+                if not choices:
+                    # vLLM's final event: the answer is whole. `[DONE]` and the end of
+                    # the body arrive separately; the client need not wait for them.
+                    break
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        if not started:
+            raise EngineUnavailable("connect_error", f"stream broke: {type(exc).__name__}") from exc
+        raise EngineFailed(f"vLLM stream broke: {type(exc).__name__}") from exc
+    finally:
+        await lines.aclose()
+    if usage is None:
+        if not started:
+            raise EngineUnavailable("upstream_5xx", "stream ended without usage")
+        raise EngineFailed("vLLM stream ended early")
+    yield TextDelta("", finish_reason=finish_reason or "stop", tokens=0)
+    yield usage
+    await _drain(content)
+
+
+async def _drain(content: aiohttp.StreamReader) -> None:
+    try:
+        async for _ in content.iter_any():
+            pass
+    except Exception:  # noqa: BLE001 - the answer was whole; release() closes this connection instead
+        log.debug("vLLM body did not end cleanly after its usage", exc_info=True)
