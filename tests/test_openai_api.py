@@ -146,3 +146,29 @@ def test_backend_header(llama_gateway: ServerProcess, path: str) -> None:
     assert r.status_code == 200
     assert r.headers["x-tuneserve-backend"] == "llamacpp"
     assert r.headers["x-request-id"] == r.json()["id"]
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_openapi_documents_the_generation_routes(llama_gateway: ServerProcess) -> None:
+    """/docs lists the two generation routes (plain ASGI routes FastAPI would skip), with
+    the request models that validate them, beside FastAPI's own routes."""
+    schema = httpx.get(llama_gateway.base_url + "/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model, field in (("/v1/chat/completions", "ChatCompletionRequest", "messages"),
+                               ("/v1/completions", "CompletionRequest", "prompt")):
+        operation = schema["paths"][path]["post"]
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{model}"
+        assert field in components[model]["properties"] and field in components[model]["required"]
+        assert {"200", "400", "404", "429", "503"} <= set(operation["responses"])
+    assert "/v1/models" in schema["paths"]
+    for ref in _refs(schema):  # every reference resolves
+        assert ref.removeprefix("#/components/schemas/") in components, ref
+    assert httpx.get(llama_gateway.base_url + "/docs").status_code == 200

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from serving.api.adapter_routes import register_adapter_routes
 from serving.api.generation import GenerationService
+from serving.api.openapi_docs import document_generation_routes
 from serving.engines.base import AdapterObserver, Engine
 from serving.engines.llamacpp import LlamaCppEngine
 from serving.engines.vllm import VLLMEngine
@@ -133,6 +134,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
     # carry nearly all traffic.
     for path, kind in (("/v1/completions", "completion"), ("/v1/chat/completions", "chat")):
         app.router.routes.insert(0, Route(path, service.endpoint(kind), methods=["POST"]))
+    document_generation_routes(app)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
