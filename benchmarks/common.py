@@ -1,4 +1,4 @@
-"""Shared bits of the benchmark scripts: machine description, percentiles, JSON output."""
+"""Shared bits of the benchmark scripts: machine description, percentiles, paired rounds, JSON output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,6 +57,25 @@ def summary_ms(latencies_s: list[float]) -> dict[str, float]:
         "p99_ms": round(percentile(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
+
+
+def alternating_rounds(
+    runs: dict[str, Callable[[], Any]], rounds: int, rate: Callable[[Any], float] = float
+) -> tuple[list[dict[str, Any]], float]:
+    """Rounds of one run of each of two targets, adjacent and in alternating order.
+
+    Returns the rounds, each with the ratio second/first of `rate(result)`, and the median
+    ratio. These VMs' speed drifts by a fifth to a third between minutes, more than the
+    gaps measured, so only adjacent runs are compared.
+    """
+    first, second = runs
+    results = []
+    for index in range(rounds):
+        order = (first, second) if index % 2 == 0 else (second, first)
+        result: dict[str, Any] = {name: runs[name]() for name in order}
+        result["ratio"] = round(rate(result[second]) / rate(result[first]), 4)
+        results.append(result)
+    return results, statistics.median(r["ratio"] for r in results)
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from common import write_result  # noqa: E402  (sets sys.path)
+from common import alternating_rounds, write_result  # noqa: E402  (sets sys.path)
 from serving.prompting import ChatTemplate
 from tests.conftest import MODEL
 from tests.servers import DATA_DIR, gateway
@@ -68,21 +68,15 @@ def main() -> None:
 
     raw = RawLlama(None)
     gw = gateway("bench-cpu", {}).start()
-    rounds = []
     try:
         raw.rate(args.max_tokens), gateway_rate(gw.base_url, args.max_tokens)  # warm caches
-        # Adjacent runs in alternating order, one ratio per round: this VM's speed drifts
-        # by a fifth between minutes (raw alone measured 132-147 tokens/s in one hour).
-        for index in range(args.rounds):
-            runs = {"raw": lambda: raw.rate(args.max_tokens), "gateway": lambda: gateway_rate(gw.base_url, args.max_tokens)}
-            order = ("raw", "gateway") if index % 2 == 0 else ("gateway", "raw")
-            result = {name: round(runs[name](), 2) for name in order}
-            result["ratio"] = round(result["gateway"] / result["raw"], 4)
-            rounds.append(result)
+        rounds, ratio = alternating_rounds({
+            "raw": lambda: round(raw.rate(args.max_tokens), 2),
+            "gateway": lambda: round(gateway_rate(gw.base_url, args.max_tokens), 2),
+        }, args.rounds)
     finally:
         gw.stop()
         raw.close()
-    ratio = statistics.median(r["ratio"] for r in rounds)
     write_result("cpu_engine", {
         "setup": f"llama-cpp-python 0.3.36, {MODEL} GGUF from `make prepare`, greedy, {args.max_tokens} tokens, "
                  "gateway timed end to end over HTTP streaming (prompt included, as raw); rounds of a raw and a "

