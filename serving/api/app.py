@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.api.adapter_routes import register_adapter_routes
-from serving.api.generation import GenerationService
+from serving.api.generation import GENERATION_ROUTES, GenerationService
 from serving.api.openapi_docs import document_generation_routes
 from serving.engines.base import AdapterObserver, Engine
 from serving.engines.llamacpp import LlamaCppEngine
@@ -132,8 +132,8 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
 
     # At the head of the route table: Starlette tries routes in order, and these two
     # carry nearly all traffic.
-    for path, kind in (("/v1/completions", "completion"), ("/v1/chat/completions", "chat")):
-        app.router.routes.insert(0, Route(path, service.endpoint(kind), methods=["POST"]))
+    for route in GENERATION_ROUTES:
+        app.router.routes.insert(0, Route(route.path, service.endpoint(route), methods=["POST"]))
     document_generation_routes(app)
 
     @app.get("/v1/models")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from starlette.requests import ClientDisconnect, Request
@@ -29,6 +30,20 @@ log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away"; a metrics label only
 Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class GenerationRoute:
+    path: str
+    kind: Kind
+    body: type[ChatCompletionRequest] | type[CompletionRequest]
+    summary: str  # its title in /docs
+
+
+GENERATION_ROUTES = (
+    GenerationRoute("/v1/chat/completions", "chat", ChatCompletionRequest, "Create a chat completion"),
+    GenerationRoute("/v1/completions", "completion", CompletionRequest, "Create a completion"),
+)
 
 
 class HangUpWatch:
@@ -79,14 +94,14 @@ class GenerationService:
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
 
-    def endpoint(self, kind: Kind) -> "GenerationEndpoint":
-        return GenerationEndpoint(self, kind)
+    def endpoint(self, route: GenerationRoute) -> "GenerationEndpoint":
+        return GenerationEndpoint(self, route)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
-        timer = RequestTimer(self.metrics, "chat" if kind == "chat" else "completions", None)
+    async def serve(self, scope: Scope, receive: Receive, send: Send, route: GenerationRoute) -> None:
+        timer = RequestTimer(self.metrics, "chat" if route.kind == "chat" else "completions", None)
         watch = HangUpWatch(receive)
         try:
-            await self._serve(Request(scope, receive), send, kind, timer, watch)
+            await self._serve(Request(scope, receive), send, route, timer, watch)
         except asyncio.CancelledError:
             timer.finish(CLIENT_CLOSED)
             if not watch.hung_up:
@@ -104,12 +119,14 @@ class GenerationService:
         finally:
             watch.disarm()
 
-    async def _serve(self, http: Request, send: Send, kind: Kind, timer: RequestTimer, watch: HangUpWatch) -> None:
+    async def _serve(
+        self, http: Request, send: Send, route: GenerationRoute, timer: RequestTimer, watch: HangUpWatch
+    ) -> None:
         principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
         timer.tenant = principal.tenant or ADMIN_LABEL
         raw = await read_body(http, self.max_body_bytes)
         watch.arm()
-        body = parse_body(raw, ChatCompletionRequest if kind == "chat" else CompletionRequest)
+        body = parse_body(raw, route.body)
         record = self.tenancy.resolve_model(principal, body.model)
         timer.model = self.served_model
         if record is not None:
@@ -126,7 +143,7 @@ class GenerationService:
         except TimeoutError:
             raise self._timeout() from None
         timer.routed(routed.backend)
-        formatter = ResponseFormatter(kind, request.request_id, body.model)
+        formatter = ResponseFormatter(route.kind, request.request_id, body.model)
         headers = [(b"x-request-id", request.request_id.encode()), (b"x-tuneserve-backend", routed.backend.encode())]
         if body.stream:
             await self._stream(routed, formatter, timer, body.include_usage, deadline, send, headers, watch)
@@ -237,12 +254,12 @@ async def _send_json(send: Send, payload: dict, headers: list[tuple[bytes, bytes
 class GenerationEndpoint:
     """The ASGI app of one route (a class, so Starlette does not wrap it as a function endpoint)."""
 
-    def __init__(self, service: GenerationService, kind: Kind) -> None:
+    def __init__(self, service: GenerationService, route: GenerationRoute) -> None:
         self.service = service
-        self.kind = kind
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.service.serve(scope, receive, send, self.kind)
+        await self.service.serve(scope, receive, send, self.route)
 
 
 def to_generation_request(

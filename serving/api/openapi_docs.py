@@ -10,14 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 
-from serving.api.schemas import ChatCompletionRequest, CompletionRequest
-
-GENERATION_ROUTES: tuple[tuple[str, type[BaseModel], str], ...] = (
-    ("/v1/chat/completions", ChatCompletionRequest, "Create a chat completion"),
-    ("/v1/completions", CompletionRequest, "Create a completion"),
-)
+from serving.api.generation import GENERATION_ROUTES, GenerationRoute
 
 _ERROR = {"$ref": "#/components/schemas/OpenAIError"}
 _ERROR_SCHEMA = {
@@ -49,15 +43,15 @@ _ERROR_STATUSES = {
 }
 
 
-def _operation(model: type[BaseModel], summary: str) -> dict[str, Any]:
+def _operation(route: GenerationRoute) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": _ERROR}}}
     return {
         "post": {
-            "summary": summary,
-            "operationId": "create" + model.__name__.removesuffix("Request"),
+            "summary": route.summary,
+            "operationId": "create" + route.body.__name__.removesuffix("Request"),
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}},
             },
             "responses": {
                 "200": {
@@ -77,11 +71,11 @@ def document_generation_routes(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components["OpenAIError"] = _ERROR_SCHEMA
             generation = {}
-            for path, model, summary in GENERATION_ROUTES:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for route in GENERATION_ROUTES:
+                body = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-                generation[path] = _operation(model, summary)
+                components[route.body.__name__] = body
+                generation[route.path] = _operation(route)
             schema["paths"] = {**generation, **schema["paths"]}  # the main routes first in /docs
             app.openapi_schema = schema
         return app.openapi_schema
