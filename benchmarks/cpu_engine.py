@@ -15,6 +15,7 @@ from common import alternating_rounds, write_result  # noqa: E402  (sets sys.pat
 from serving.prompting import ChatTemplate
 from tests.conftest import MODEL
 from tests.servers import DATA_DIR, gateway
+from tuneserve.gguf.llama_loader import load_llama
 
 MESSAGES = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
 
@@ -25,11 +26,8 @@ class RawLlama:
     def __init__(self, threads: int | None) -> None:
         import os
 
-        from llama_cpp import Llama
-
         model_dir = DATA_DIR / "models" / MODEL
-        self.llama = Llama(model_path=str(model_dir / "model.gguf"), n_ctx=2048,
-                           n_threads=threads or os.cpu_count(), verbose=False)
+        self.llama = load_llama(model_dir / "model.gguf", n_ctx=2048, n_threads=threads or os.cpu_count())
         text = ChatTemplate.from_hf_dir(model_dir / "hf").render(MESSAGES)
         self.tokens = self.llama.tokenize(text.encode(), add_bos=False, special=True)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from merge.jobs import JobContext
 from merge.quality_gate import GateConfig, QualityGateFailed, run_gate
 from tuneserve.errors import ConfigError
-from tuneserve.fsutil import require_free_space
+from tuneserve.fsutil import owned_temp_dir, require_free_space
+from tuneserve.gguf.llama_loader import ExtraBufferTypes
 from tuneserve.models.gguf_convert import OUTTYPES
 from tuneserve.models.quantize import FTYPES
 
@@ -82,7 +82,7 @@ def validate_spec(spec: ExportSpec) -> SourceKind:
     return kind
 
 
-def run_export(spec: ExportSpec, ctx: JobContext) -> list[str]:
+def run_export(spec: ExportSpec, ctx: JobContext, extra_buffer_types: ExtraBufferTypes = "auto") -> list[str]:
     from tuneserve.adapters.gguf_lora import convert_lora_to_gguf
     from tuneserve.models.gguf_convert import convert_hf_to_gguf
     from tuneserve.models.quantize import quantize_gguf
@@ -93,8 +93,7 @@ def run_export(spec: ExportSpec, ctx: JobContext) -> list[str]:
     source_bytes = spec.source.stat().st_size if kind == "gguf" else weights_bytes(spec.source)
     # Upper bound: an f16 intermediate plus the output, both at most the source's size.
     require_free_space(spec.out.parent, source_bytes * (2 if spec.type in QUANT_TYPES else 1), "the export")
-    spec.out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{spec.out.name}.tmp-", dir=spec.out.parent))
+    stage = owned_temp_dir(spec.out.parent, f".{spec.out.name}.tmp-")
     ctx.staging(stage)
     try:
         built = stage / spec.out.name
@@ -125,16 +124,23 @@ def run_export(spec: ExportSpec, ctx: JobContext) -> list[str]:
                     candidate_lora=built,
                     reference_adapter=spec.source,
                     cache_dir=spec.gate_cache,
+                    extra_buffer_types=extra_buffer_types,
                 )
             else:
                 reference = spec.source if kind == "hf" else spec.reference
-                report = run_gate(built, reference, spec.gate, cache_dir=spec.gate_cache)  # type: ignore[arg-type]
+                report = run_gate(
+                    built, reference, spec.gate, cache_dir=spec.gate_cache, extra_buffer_types=extra_buffer_types  # type: ignore[arg-type]
+                )
             ctx.add_report(gate=report.model_dump())
             if not report.passed:
+                advice = (
+                    "llama.cpp cannot run it on this host as it loads it now; try "
+                    "--engines.llamacpp.extra_buffer_types off" if report.crash
+                    else "loosen gate.* or pass --no-gate to export anyway"
+                )
                 raise QualityGateFailed(
                     f"quality gate failed for {spec.out.name}: " + "; ".join(report.failures)
-                    + ". The output was not published (loosen gate.* or pass --no-gate to "
-                    "export anyway)",
+                    + f". The output was not published ({advice})",
                     report,
                 )
         else:

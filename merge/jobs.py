@@ -29,6 +29,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from tuneserve.errors import TuneserveError
+from tuneserve.processes import process_alive, process_start_time
 from tuneserve.store import Store
 
 log = logging.getLogger(__name__)
@@ -92,33 +93,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), None if it is gone.
-
-    Off Linux (no /proc) a live pid gives "" so only its existence is compared."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return ""
-    # Field 22 counted after the ")" that closes the command name (which may hold spaces).
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int | None, start: str | None) -> bool:
-    if pid is None:
-        return False
-    now = process_start_time(pid)
-    return now is not None and (not start or not now or now == start)
-
-
 class JobStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -149,7 +123,7 @@ class JobStore:
         for row in self.store.query(
             "SELECT id, pid, pid_start, staging FROM jobs WHERE status = 'running'"
         ):
-            if _alive(row["pid"], row["pid_start"]):
+            if process_alive(row["pid"], row["pid_start"]):
                 continue
             changed = self.store.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "
@@ -170,7 +144,7 @@ class JobStore:
         for row in self.store.query("SELECT id, spec FROM jobs WHERE status = 'queued'"):
             pid = json.loads(row["spec"]).get("_creator_pid")
             start = json.loads(row["spec"]).get("_creator_start")
-            if pid is not None and not _alive(pid, start):
+            if pid is not None and not process_alive(pid, start):
                 self._finish(row["id"], JobStatus.failed, "its process exited before it started")
                 failed.append(row["id"])
         return failed
@@ -188,7 +162,7 @@ class JobStore:
             return self.get(job_id)
         self.store.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
         row = self.store.query("SELECT pid, pid_start FROM jobs WHERE id = ?", (job_id,))[0]
-        if _alive(row["pid"], row["pid_start"]):
+        if process_alive(row["pid"], row["pid_start"]):
             os.kill(row["pid"], signal.SIGTERM)
         return self.get(job_id)
 
@@ -312,29 +286,37 @@ def run_job(
             except Exception:  # the store is busy: the next beat will do
                 log.debug("heartbeat failed", exc_info=True)
 
+    # Python runs signal handlers in the main thread, but the kernel hands a
+    # process-directed SIGTERM to any thread that does not block it, so a signal mask
+    # set here cannot hold a cancel back. The handler itself waits instead: until the
+    # `try` below is armed, a SIGTERM is only remembered (a cancel sent the moment the
+    # row says "running" used to escape as a raw _Signalled, or kill a loaded machine's
+    # run between `_start` and the `try`).
+    armed = False
+    pending: list[int] = []
+
     def on_sigterm(signum: int, _frame: Any) -> None:
+        if not armed:
+            pending.append(signum)
+            return
         raise _Signalled(signum)
 
     beat = threading.Thread(target=heartbeat, name=f"job-{job_id}-heartbeat", daemon=True)
     in_main = threading.current_thread() is threading.main_thread()
-    # Before the job shows as running, so a cancel's SIGTERM always finds the handler;
-    # and held back until the `try` below, which is what turns it into a cancelled job
-    # (a cancel sent the moment the row says "running" used to land before it).
+    # Installed before the job shows as running, so a cancel's SIGTERM always finds it.
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
-    if in_main:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         jobs._start(job_id)
     except BaseException:
         if in_main:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGTERM, previous)
         raise
     handler = _JobLogHandler(jobs, job_id)
     root = logging.getLogger()
     try:
-        if in_main:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        armed = True
+        if pending:
+            raise _Signalled(pending[0])
         beat.start()
         root.addHandler(handler)
         if jobs.cancel_requested(job_id):

@@ -25,11 +25,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve.errors import TuneserveError
+from tuneserve.gguf.agreement import TeacherForcedRequest, isolated_teacher_forced_scores, log_softmax
+from tuneserve.gguf.isolated import CheckCrashed
+from tuneserve.gguf.llama_loader import ExtraBufferTypes
 
 HELD_OUT_TEXT = """\
 The river begins high in the mountains, where snow melts each spring and runs down \
@@ -85,23 +87,20 @@ class GateConfig(BaseModel):
 class GateReport(BaseModel):
     passed: bool
     failures: list[str]
+    # Set when llama.cpp died while scoring the candidate (it runs in a child process,
+    # so a native crash fails the gate instead of the command); the measurements are then
+    # None.
+    crash: str | None = None
     reference_perplexity: float
-    candidate_perplexity: float
-    perplexity_ratio: float
-    text_top1_agreement: float
-    token_agreement: float
-    greedy_exact_matches: int
+    candidate_perplexity: float | None
+    perplexity_ratio: float | None
+    text_top1_agreement: float | None
+    token_agreement: float | None
+    greedy_exact_matches: int | None
     prompts: int
     text_tokens: int
     continuation_tokens: int
     thresholds: dict[str, float]
-
-
-def _log_softmax(logits: Any) -> Any:
-    import numpy as np
-
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 class ReferenceRun(BaseModel):
@@ -142,7 +141,7 @@ def _reference_run(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -
     eos = tokenizer.eos_token_id
     continuations = []
     with torch.no_grad():
-        log_probs = _log_softmax(model(input_ids=torch.tensor([text_ids])).logits[0].float().numpy())
+        log_probs = log_softmax(model(input_ids=torch.tensor([text_ids])).logits[0].float().numpy())
         for prompt in prompts:
             out = model.generate(
                 input_ids=torch.tensor([prompt]),
@@ -203,33 +202,49 @@ def run_gate(
     candidate_lora: Path | None = None,
     reference_adapter: Path | None = None,
     cache_dir: Path | None = None,
+    extra_buffer_types: ExtraBufferTypes = "auto",
 ) -> GateReport:
     """Measure `candidate_gguf` (+ `candidate_lora`) against `reference_hf` (+ adapter).
 
-    `cache_dir` keeps the reference's outputs (keyed on its files and the gate inputs)."""
+    `cache_dir` keeps the reference's outputs (keyed on its files and the gate inputs).
+    llama.cpp scores the candidate in a child process: a crash there is a failed gate."""
     import numpy as np
-
-    from tuneserve.models.agreement import teacher_forced_logits
 
     ref = reference_run(reference_hf, reference_adapter, config, cache_dir)
     sequences = [p + c for p, c in zip(ref.prompts, ref.continuations)]
-    candidate = teacher_forced_logits(
-        candidate_gguf,
-        [ref.text_ids, *sequences],
-        lora=candidate_lora,
-        decode_from=[len(ref.text_ids), *(len(p) for p in ref.prompts)],
-    )
-    text_ids = ref.text_ids
-    cand_text = _log_softmax(candidate[0])
-    cand_logprobs = cand_text[np.arange(len(text_ids) - 1), text_ids[1:]]
     ref_ppl = float(math.exp(-float(np.mean(ref.text_logprobs))))
+    thresholds = {
+        "max_perplexity_ratio": config.max_perplexity_ratio,
+        "min_token_agreement": config.min_token_agreement,
+    }
+    sizes = dict(
+        prompts=len(ref.prompts),
+        text_tokens=len(ref.text_ids),
+        continuation_tokens=sum(len(c) for c in ref.continuations),
+        thresholds=thresholds,
+    )
+    try:
+        candidate = isolated_teacher_forced_scores(TeacherForcedRequest(
+            gguf=candidate_gguf,
+            sequences=[ref.text_ids, *sequences],
+            lora=candidate_lora,
+            decode_from=[len(ref.text_ids), *(len(p) for p in ref.prompts)],
+            extra_buffer_types=extra_buffer_types,
+        )).sequences
+    except CheckCrashed as crash:
+        return GateReport(
+            passed=False, failures=[str(crash)], crash=crash.signal_name, reference_perplexity=ref_ppl,
+            candidate_perplexity=None, perplexity_ratio=None, text_top1_agreement=None,
+            token_agreement=None, greedy_exact_matches=None, **sizes,
+        )
+    cand_logprobs = np.array(candidate[0].next_token_logprob)
     cand_ppl = float(math.exp(-float(np.mean(cand_logprobs))))
-    text_top1 = float((np.array(ref.text_argmax) == cand_text.argmax(-1)).mean())
+    text_top1 = float((np.array(ref.text_argmax) == np.array(candidate[0].argmax)).mean())
 
     agree = total = exact = 0
-    for prompt, continuation, logits in zip(ref.prompts, ref.continuations, candidate[1:]):
-        # logits[j] predicts token j+1: the continuation is predicted from len(prompt)-1 on.
-        predicted = logits[len(prompt) - 1 : len(prompt) - 1 + len(continuation)].argmax(-1)
+    for prompt, continuation, scores in zip(ref.prompts, ref.continuations, candidate[1:]):
+        # argmax[j] predicts token j+1: the continuation is predicted from len(prompt)-1 on.
+        predicted = np.array(scores.argmax[len(prompt) - 1 : len(prompt) - 1 + len(continuation)])
         hits = predicted == np.array(continuation)
         agree += int(hits.sum())
         total += len(continuation)
@@ -260,11 +275,5 @@ def run_gate(
         text_top1_agreement=text_top1,
         token_agreement=token_agreement,
         greedy_exact_matches=exact,
-        prompts=len(ref.prompts),
-        text_tokens=len(text_ids),
-        continuation_tokens=total,
-        thresholds={
-            "max_perplexity_ratio": config.max_perplexity_ratio,
-            "min_token_agreement": config.min_token_agreement,
-        },
+        **sizes,
     )

@@ -70,7 +70,7 @@ def _work(kind: str, spec: dict[str, Any], settings: Settings, ctx: JobContext) 
     if kind == "export":
         from merge.export import ExportSpec, run_export
 
-        return run_export(ExportSpec.model_validate(spec), ctx)
+        return run_export(ExportSpec.model_validate(spec), ctx, settings.engines.llamacpp.extra_buffer_types)
     raise TuneserveError(f"unknown job kind {kind!r}")
 
 

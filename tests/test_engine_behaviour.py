@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -52,19 +53,36 @@ def test_non_streamed_disconnect_cancels_too(llama_gateway: ServerProcess) -> No
 
 def test_full_queue_answers_429_with_retry_after() -> None:
     server = gateway("gw-queue", {"engines.llamacpp.queue_size": 1}).start()
-    body = {"model": MODEL, "messages": LONG, "max_tokens": 200, "temperature": 0}
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
 
-    async def burst() -> list[httpx.Response]:
+    async def burst() -> list[tuple[int, dict[str, str], dict]]:
+        # Streamed: an accepted request answers 200 at its first token and is held open
+        # until the running one, the three rejected ones have answered, so the worker and
+        # the queue slot are taken when the burst arrives however slowly a loaded machine
+        # generates; then each is closed (waiting for 2 x 200 tokens timed out under load).
+        answered: list[int] = []
+        all_but_the_queued_one = asyncio.Event()
+
+        async def one(client: httpx.AsyncClient) -> tuple[int, dict[str, str], dict]:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                answered.append(r.status_code)
+                if len(answered) >= 4:
+                    all_but_the_queued_one.set()
+                if r.status_code != 200:
+                    return r.status_code, dict(r.headers), json.loads(await r.aread())
+                await all_but_the_queued_one.wait()
+                return r.status_code, dict(r.headers), {}
+
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(5)))
+            return await asyncio.gather(*(one(client) for _ in range(5)))
 
     try:
         responses = asyncio.run(burst())
-        codes = sorted(r.status_code for r in responses)
+        codes = sorted(code for code, _, _ in responses)
         assert codes == [200, 200, 429, 429, 429], codes
-        rejected = next(r for r in responses if r.status_code == 429)
-        assert int(rejected.headers["retry-after"]) >= 1
-        assert rejected.json()["error"]["type"] == "rate_limit_error"
+        _, headers, error = next(r for r in responses if r[0] == 429)
+        assert int(headers["retry-after"]) >= 1
+        assert error["error"]["type"] == "rate_limit_error"
     finally:
         server.stop()
 

@@ -13,6 +13,7 @@ from openai import OpenAI
 from tests.adapter_factory import HF_DIR
 from tests.merge_factory import GGUF, adapters, cli, full_models, job_of, merge_work  # noqa: F401
 from tests.servers import gateway
+from tuneserve.gguf.llama_loader import load_llama
 
 PROBE = "What is the capital of France?"
 
@@ -70,7 +71,7 @@ def test_adapter_exports_to_a_gguf_lora_that_llama_cpp_applies(export_dir, adapt
 
     Both sides are f16: against the Q8_0 base, rounding alone flips the first token of this
     prompt on some CPUs (AVX-512 builds answer "L'Étoile..." from the plain Q8_0 base)."""
-    from tuneserve.models.agreement import greedy_texts
+    from tuneserve.gguf.agreement import greedy_texts
     from serving.prompting import ChatTemplate
 
     job = job_of(_export(export_dir, adapters[0], "adapter1.gguf"))
@@ -81,11 +82,9 @@ def test_adapter_exports_to_a_gguf_lora_that_llama_cpp_applies(export_dir, adapt
     base = job_of(_export(export_dir, HF_DIR, "base-f16-ungated.gguf", "--type", "f16", "--no-gate"))
     base_gguf = base["outputs"][0]
 
-    from llama_cpp import Llama
-
     prompt = ChatTemplate.from_hf_dir(HF_DIR).render([{"role": "user", "content": PROBE}])
     merged_text = greedy_texts(export_dir / "full1-f16.gguf", [prompt])[0]
-    llama = Llama(model_path=base_gguf, lora_path=str(export_dir / "adapter1.gguf"), n_ctx=256, verbose=False)
+    llama = load_llama(base_gguf, lora_path=str(export_dir / "adapter1.gguf"), n_ctx=256)
     tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
     out = []
     for token in llama.generate(tokens, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0):
@@ -98,9 +97,7 @@ def test_adapter_exports_to_a_gguf_lora_that_llama_cpp_applies(export_dir, adapt
 
 
 def llama_text(tokens: list[int], export_dir: Path) -> str:
-    from llama_cpp import Llama
-
-    llama = Llama(model_path=str(GGUF), n_ctx=64, verbose=False, vocab_only=True)
+    llama = load_llama(GGUF, n_ctx=64, vocab_only=True)
     try:
         return llama.detokenize(tokens).decode("utf-8", "replace")
     finally:
@@ -112,7 +109,7 @@ def test_gateway_serves_an_exported_gguf(export_dir, full_models):
     exported = export_dir / "full1-f16.gguf"
     if not exported.is_file():
         job_of(_export(export_dir, full_models[0], "full1-f16.gguf", "--type", "f16", "--no-gate"))
-    from tuneserve.models.agreement import greedy_texts
+    from tuneserve.gguf.agreement import greedy_texts
     from serving.prompting import ChatTemplate
 
     prompt = ChatTemplate.from_hf_dir(HF_DIR).render([{"role": "user", "content": PROBE}])

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from llama_cpp import Llama
+
+from tuneserve.gguf.llama_loader import load_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -102,7 +104,7 @@ def one_thread_each() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[Llama]:
-    model = Llama(model_path=str(BASE_GGUF), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
+    model = load_llama(BASE_GGUF, n_ctx=512, n_threads=1, n_threads_batch=1)
     yield model
     set_adapter(model, None)
     model.close()

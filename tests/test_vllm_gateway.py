@@ -15,6 +15,7 @@ from serving.prompting import ChatTemplate
 from tests.conftest import MODEL
 from tests.metrics_util import scrape, value
 from tests.servers import DATA_DIR, ServerProcess, gateway
+from tuneserve.gguf.llama_loader import load_llama
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -174,15 +175,13 @@ def test_vllm_rejections_are_client_errors(vllm_gateway: ServerProcess) -> None:
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_same_prompt_tokens_on_both_engines(vllm: ServerProcess, messages: list[dict[str, str]]) -> None:
-    from llama_cpp import Llama
-
     expected = httpx.post(
         vllm.base_url + "/tokenize",
         json={"model": MODEL, "messages": messages, "add_generation_prompt": True},
         timeout=30,
     ).json()["tokens"]
     model_dir = DATA_DIR / "models" / MODEL
-    llama = Llama(model_path=str(model_dir / "model.gguf"), vocab_only=True, verbose=False)
+    llama = load_llama(model_dir / "model.gguf", vocab_only=True)
     request = GenerationRequest("t", "chat", SamplingParams(), messages=tuple(messages))
     assert prompt_tokens(llama, ChatTemplate.from_hf_dir(model_dir / "hf"), request) == expected
 

@@ -75,6 +75,12 @@ class LlamaCppConfig(_Section):
     max_loras: int = Field(
         8, ge=1, description="GGUF LoRA adapters each llama.cpp instance keeps loaded (LRU)."
     )
+    extra_buffer_types: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp's extra buffer types (weight repacking; AMX on Intel) for every "
+        "GGUF load: serving, prepare, export, the quality gate. auto: off on hosts with AMX, "
+        "whose Q8_0 matmul segfaults (llama.cpp #20824), on elsewhere.",
+    )
 
 
 class CircuitBreakerConfig(_Section):

@@ -65,6 +65,7 @@ def build_engines(settings: Settings, observer: AdapterObserver | None = None) -
                 template=template,
                 max_loras=cfg_l.max_loras,
                 observer=observer,
+                extra_buffer_types=cfg_l.extra_buffer_types,
             )
         )
     return engines

@@ -31,6 +31,7 @@ from serving.engines.base import (
 from serving.engines.llamacpp_adapters import LlamaAdapterCache
 from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
 from serving.prompting import ChatTemplate, ChatTemplateError
+from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, llama_runtime, load_llama
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,11 @@ class LlamaCppEngine(Engine):
         template: ChatTemplate | None = None,
         max_loras: int = 8,
         observer: AdapterObserver | None = None,
+        extra_buffer_types: ExtraBufferTypes = "auto",
     ) -> None:
         self.gguf_path = gguf_path
+        self.extra_buffer_types = extra_buffer_types
+        self._runtime: dict[str, Any] = {}
         self.n_ctx = n_ctx
         self.n_workers = workers
         self.n_threads = n_threads or max(1, (os.cpu_count() or 1) // workers)
@@ -280,14 +284,12 @@ class LlamaCppEngine(Engine):
         self._error: str = ""
 
     def _load(self) -> Any:
-        from llama_cpp import Llama
-
-        return Llama(
-            model_path=str(self.gguf_path),
+        return load_llama(
+            self.gguf_path,
+            extra_buffer_types=self.extra_buffer_types,
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
             n_batch=self.n_batch,
-            verbose=False,
         )
 
     async def start(self) -> None:
@@ -296,6 +298,11 @@ class LlamaCppEngine(Engine):
             raise FileNotFoundError(self._error)
         for index in range(self.n_workers):
             llama = await asyncio.to_thread(self._load)
+            if not self._runtime:
+                # Which path this host takes, for /ready: the CPU features llama.cpp's
+                # kernels use, the GGUF's type and the extra-buffer choice.
+                file_type = file_type_name(int(llama.metadata.get("general.file_type", -1)))
+                self._runtime = {"gguf_type": file_type, **llama_runtime(self.extra_buffer_types).summary()}
             if self.template is None:
                 tokens = [llama.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llama.n_vocab())]
                 self.template = ChatTemplate.from_gguf_metadata(llama.metadata, tokens)
@@ -324,6 +331,7 @@ class LlamaCppEngine(Engine):
                 "workers": len(self._workers),
                 "busy_workers": sum(w.busy for w in self._workers),
                 "queue_depth": self.queue_depth(),
+                **self._runtime,
             },
         )
 

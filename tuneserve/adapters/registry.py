@@ -45,7 +45,7 @@ from tuneserve.adapters.validation import (
 )
 from tuneserve.config import Settings
 from tuneserve.errors import TuneserveError
-from tuneserve.fsutil import remove_stale_temp_dirs, staged_dir
+from tuneserve.fsutil import owned_temp_dir, staged_dir
 from tuneserve.names import is_valid_name
 
 GGUF_FILE = "adapter.gguf"
@@ -53,8 +53,6 @@ MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "current"
 REMOVED_FILE = ".removed.json"
 UPLOAD_PREFIX = ".adapter-upload-"
-# No upload is validated and converted for this long; a dir this old is a killed one's.
-STALE_UPLOAD_S = 6 * 3600
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
@@ -132,12 +130,8 @@ class AdapterRegistry:
         check_name(tenant, "tenant")
         check_name(name, "adapter")
         limits = self.settings.adapters
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temp_dirs(self.data_dir, UPLOAD_PREFIX, STALE_UPLOAD_S)
-        for path in removed:
-            log.warning("removed %s, left by an upload that was killed", path)
         # Under the data dir, so the files built here move into place by rename.
-        work = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.data_dir))
+        work = owned_temp_dir(self.data_dir, UPLOAD_PREFIX)
         try:
             upload = work / "upload"
             upload.mkdir()

