@@ -19,6 +19,13 @@ RUN apt-get update \
 WORKDIR /src
 COPY requirements/ requirements/
 RUN python -m venv /opt/venv
+# llama-cpp-python compiles llama.cpp here. Left to itself it builds for the build host
+# (-march=native): an image built on an AVX-512 host then dies with SIGILL on an
+# AVX2-only one. The image targets x86-64-v3 instead (AVX2, FMA, F16C: every x86-64
+# server since 2013-2015), without AVX-512 or AMX kernels, so it runs on any such host
+# (and AMX's Q8_0 segfault, llama.cpp #20824, cannot happen in it). Building for one
+# known fleet: --build-arg CMAKE_ARGS="-DGGML_NATIVE=ON" (or an explicit -DGGML_AVX512=ON).
+ARG CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 # torch==2.13.0+cpu lives on PyTorch's CPU index; --no-deps keeps torchvision & co out.
 # The deploy checks' tools (hadolint's binary, Kubernetes schemas) stay out of the image.
 RUN if [ "$VARIANT" = "cpu" ]; then \

@@ -45,6 +45,7 @@ test: prepare deploy-tools
 bench: prepare
 	$(BIN)/python benchmarks/gateway_overhead.py
 	$(BIN)/python benchmarks/cpu_engine.py
+	$(BIN)/python benchmarks/llama_extra_buffers.py
 	$(BIN)/python benchmarks/adapters.py
 	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/load.py

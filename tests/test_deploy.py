@@ -93,6 +93,27 @@ def test_dockerfile_variant_selects_cpu_lock_or_cuda_vllm() -> None:
     assert pinned and f"vllm=={pinned.group(1)}" in cuda  # same vLLM on CPU and GPU images
 
 
+def dockerfile_cmake_args() -> str:
+    """The CMAKE_ARGS default the build stage compiles llama.cpp with."""
+    (arg,) = [a for a in instructions(stages()[0], "ARG") if a.startswith("CMAKE_ARGS=")]
+    return arg.split("=", 1)[1].strip('"')
+
+
+def test_llama_cpp_in_the_image_is_built_for_a_baseline_not_the_build_host() -> None:
+    # -march=native on an AVX-512 build host gives an image that dies with SIGILL on an
+    # AVX2-only host; AMX kernels segfault on Q8_0 (llama.cpp #20824).
+    build = stages()[0]
+    flags = dict(f.removeprefix("-D").split("=", 1) for f in dockerfile_cmake_args().split())
+    assert flags["GGML_NATIVE"] == "OFF"
+    assert all(flags[f] == "ON" for f in ("GGML_AVX2", "GGML_FMA", "GGML_F16C"))
+    assert all(flags[f] == "OFF" for f in ("GGML_AVX512", "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"))
+    # Declared before the install that compiles llama-cpp-python (an ARG is in RUN's env).
+    order = [i["instruction"] + " " + i["value"] for i in build]
+    arg_at = next(n for n, line in enumerate(order) if line.startswith("ARG CMAKE_ARGS="))
+    install_at = next(n for n, line in enumerate(order) if line.startswith("RUN") and "cpu.lock" in line)
+    assert arg_at < install_at
+
+
 def test_hadolint_finds_nothing() -> None:
     run("hadolint", str(ROOT / "Dockerfile"))
 

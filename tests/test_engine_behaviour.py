@@ -11,7 +11,9 @@ import pytest
 
 from tests.conftest import MODEL
 from tests.metrics_util import scrape, value
-from tests.servers import ServerProcess, gateway
+from tests.servers import DATA_DIR, ServerProcess, gateway
+from tuneserve.gguf.llama_loader import gguf_file_type, llama_runtime
+from tuneserve.models.prepare import GGUF_NAME
 
 # Answered at length by both the f16 and the Q8_0 model ("count to 1000" stops at 20,
 # which the faster Q8_0 finishes inside the tests' timeouts).
@@ -118,3 +120,12 @@ def test_metrics_cover_requests_latency_tokens(llama_gateway: ServerProcess) -> 
     assert value(after, "tuneserve_requests_in_flight") == 0
     buckets = [float(l["le"]) for l, _ in after["tuneserve_time_to_first_token_seconds_bucket"] if l["backend"] == "llamacpp" and l["le"] != "+Inf"]
     assert min(buckets) <= 0.01 and max(buckets) >= 30
+
+
+def test_ready_says_which_llama_cpp_path_this_host_takes(llama_gateway: ServerProcess) -> None:
+    status = llama_status(llama_gateway)
+    runtime = llama_runtime()
+    assert status["gguf_type"] == gguf_file_type(DATA_DIR / "models" / MODEL / GGUF_NAME)
+    assert status["system_info"] == runtime.system_info and "AVX2 = 1" in status["system_info"]
+    assert status["extra_buffer_types"] is runtime.extra_buffer_types
+    assert status["why"].startswith("auto: ")
