@@ -42,6 +42,7 @@ COPY tuneserve/ tuneserve/
 COPY serving/ serving/
 COPY training/ training/
 COPY merge/ merge/
+COPY vllm_plugin/ vllm_plugin/
 # CPU: the lock already holds every dependency. CUDA: resolve the rest next to vllm.
 RUN if [ "$VARIANT" = "cpu" ]; then deps="--no-deps"; else deps=""; fi \
  && /opt/venv/bin/pip install --no-cache-dir $deps --no-build-isolation .

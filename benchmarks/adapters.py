@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 
 from common import write_result  # noqa: E402  (sets sys.path)
-from tests.adapter_factory import make_adapter, tar_gz_bytes
-from tests.conftest import MODEL
-from tests.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+from tests.support.adapters import make_adapter, tar_gz_bytes
+from tests.support.servers import MODEL
+from tests.support.servers import DATA_DIR, ServerProcess, gateway, vllm_server
 
 MODEL_DIR = DATA_DIR / "models" / MODEL
 ADAPTER_RANK = 8

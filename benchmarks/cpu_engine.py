@@ -12,9 +12,9 @@ import time
 import httpx
 
 from common import alternating_rounds, write_result  # noqa: E402  (sets sys.path)
-from serving.prompting import ChatTemplate
-from tests.conftest import MODEL
-from tests.servers import DATA_DIR, gateway
+from tuneserve.models.chat_template import ChatTemplate
+from tests.support.servers import MODEL
+from tests.support.servers import DATA_DIR, gateway
 from tuneserve.gguf.llama_loader import load_llama
 
 MESSAGES = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]

@@ -24,8 +24,8 @@ import time
 import httpx
 
 from common import alternating_rounds, summary_ms, write_result  # noqa: E402  (sets sys.path)
-from tests.conftest import MODEL
-from tests.servers import ServerProcess, gateway, vllm_server
+from tests.support.servers import MODEL
+from tests.support.servers import ServerProcess, gateway, vllm_server
 
 BODY = {
     "model": MODEL,

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from common import alternating_rounds, write_result  # noqa: E402  (sets sys.path)
-from serving.prompting import ChatTemplate
-from tests.conftest import MODEL
-from tests.servers import DATA_DIR
+from tuneserve.models.chat_template import ChatTemplate
+from tests.support.servers import MODEL
+from tests.support.servers import DATA_DIR
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, llama_runtime, load_llama
-from tuneserve.models.quantize import quantize_gguf
+from tuneserve.gguf.quantize import quantize_gguf
 
 MESSAGES = [{"role": "user", "content": "Write a long essay about the history of the sea."}]
 

@@ -45,7 +45,7 @@ def main() -> None:
     import yaml
 
     sys.path.insert(0, str(ROOT))
-    from tests.adapter_factory import make_adapter
+    from tests.support.adapters import make_adapter
 
     work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-merge-"))
     try:

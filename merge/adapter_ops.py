@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merge.config import MergeConfigError
-from merge.jobs import JobContext
+from tuneserve.jobs.runner import JobContext
 from tuneserve.config import format_validation_error
 from tuneserve.fsutil import require_free_space, staged_dir
 

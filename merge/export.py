@@ -12,13 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge.jobs import JobContext
-from merge.quality_gate import GateConfig, QualityGateFailed, run_gate
+from tuneserve.jobs.runner import JobContext
+from tuneserve.gguf.quality_gate import GateConfig, QualityGateFailed, run_gate
 from tuneserve.errors import ConfigError
 from tuneserve.fsutil import owned_temp_dir, require_free_space
 from tuneserve.gguf.llama_loader import ExtraBufferTypes
-from tuneserve.models.gguf_convert import OUTTYPES
-from tuneserve.models.quantize import FTYPES
+from tuneserve.gguf.convert import OUTTYPES
+from tuneserve.gguf.quantize import FTYPES
 
 # Lower case: written by llama.cpp's converter; upper case: llama_model_quantize of an f16.
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")
@@ -83,9 +83,9 @@ def validate_spec(spec: ExportSpec) -> SourceKind:
 
 
 def run_export(spec: ExportSpec, ctx: JobContext, extra_buffer_types: ExtraBufferTypes = "auto") -> list[str]:
-    from tuneserve.adapters.gguf_lora import convert_lora_to_gguf
-    from tuneserve.models.gguf_convert import convert_hf_to_gguf
-    from tuneserve.models.quantize import quantize_gguf
+    from tuneserve.gguf.lora import convert_lora_to_gguf
+    from tuneserve.gguf.convert import convert_hf_to_gguf
+    from tuneserve.gguf.quantize import quantize_gguf
 
     from merge.mergekit_job import weights_bytes
 

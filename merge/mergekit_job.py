@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from merge.jobs import JobContext
+from tuneserve.jobs.runner import JobContext
 from tuneserve.fsutil import require_free_space, staged_dir
 
 DEFAULT_SHARD_SIZE = "1B"

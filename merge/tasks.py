@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from merge.jobs import JobContext, JobRecord, JobStore, run_job, submit
+from tuneserve.jobs.runner import JobContext, run_job, submit
+from tuneserve.jobs.store import JobRecord, JobStore
 from tuneserve.config import Settings
 from tuneserve.errors import TuneserveError
 

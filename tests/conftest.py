@@ -7,10 +7,8 @@ from typing import Iterator
 import pytest
 from openai import OpenAI
 
-from tests.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway, vllm_server
 from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME
-
-MODEL = "smollm2-135m-instruct"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.servers import DATA_DIR, ROOT
+from tests.support.servers import DATA_DIR, ROOT
 from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord, AdapterRegistry
 from tuneserve.adapters.validation import AdapterRejected
 from tuneserve.config import Settings, load_settings

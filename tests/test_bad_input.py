@@ -11,9 +11,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import MODEL
-from tests.metrics_util import scrape, value
-from tests.servers import ServerProcess
+from tests.support.servers import MODEL
+from tests.support.metrics import scrape, value
+from tests.support.servers import ServerProcess
 
 CHAT = "/v1/chat/completions"
 GOOD: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from tests.servers import ROOT
+from tests.support.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"

@@ -8,7 +8,7 @@ from prometheus_client import generate_latest
 
 from serving.metrics import GatewayMetrics
 from scripts import config_table
-from tests.servers import ROOT
+from tests.support.servers import ROOT
 from tuneserve.config import env_name, iter_fields
 
 README = (ROOT / "README.md").read_text()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from tests.adapter_factory import HF_DIR
-from tests.merge_factory import GGUF, adapters, cli, full_models, job_of, merge_work  # noqa: F401
-from tests.servers import gateway
+from tests.support.adapters import HF_DIR
+from tests.support.merges import GGUF, adapters, cli, full_models, job_of, merge_work  # noqa: F401
+from tests.support.servers import gateway
 from tuneserve.gguf.llama_loader import load_llama
 
 PROBE = "What is the capital of France?"
@@ -72,7 +72,7 @@ def test_adapter_exports_to_a_gguf_lora_that_llama_cpp_applies(export_dir, adapt
     Both sides are f16: against the Q8_0 base, rounding alone flips the first token of this
     prompt on some CPUs (AVX-512 builds answer "L'Étoile..." from the plain Q8_0 base)."""
     from tuneserve.gguf.agreement import greedy_texts
-    from serving.prompting import ChatTemplate
+    from tuneserve.models.chat_template import ChatTemplate
 
     job = job_of(_export(export_dir, adapters[0], "adapter1.gguf"))
     assert job["report"]["gate"]["passed"]
@@ -110,7 +110,7 @@ def test_gateway_serves_an_exported_gguf(export_dir, full_models):
     if not exported.is_file():
         job_of(_export(export_dir, full_models[0], "full1-f16.gguf", "--type", "f16", "--no-gate"))
     from tuneserve.gguf.agreement import greedy_texts
-    from serving.prompting import ChatTemplate
+    from tuneserve.models.chat_template import ChatTemplate
 
     prompt = ChatTemplate.from_hf_dir(HF_DIR).render([{"role": "user", "content": PROBE}])
     expected = greedy_texts(exported, [prompt], max_tokens=12)[0]

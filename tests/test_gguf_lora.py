@@ -23,10 +23,10 @@ from tuneserve.gguf.llama_loader import load_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from serving.prompting import ChatTemplate
-from tests.adapter_factory import make_adapter
-from tests.servers import DATA_DIR
-from tuneserve.adapters.gguf_lora import AdapterConversionError, convert_lora_to_gguf
+from tuneserve.models.chat_template import ChatTemplate
+from tests.support.adapters import make_adapter
+from tests.support.servers import DATA_DIR
+from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
 from tuneserve.models.prepare import F16_GGUF_NAME
 
 MODEL_DIR = DATA_DIR / "models" / "smollm2-135m-instruct"

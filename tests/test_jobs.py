@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from merge.jobs import JobError, JobStatus, JobStore, run_job, submit
+from tuneserve.jobs.runner import run_job, submit
+from tuneserve.jobs.store import JobError, JobStatus, JobStore
 from tuneserve.store import Store
-from tests.merge_factory import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
-from tests.adapter_factory import HF_DIR
-from tests.merge_factory import GGUF
-from tests.servers import ROOT
+from tests.support.merges import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.support.adapters import HF_DIR
+from tests.support.merges import GGUF
+from tests.support.servers import ROOT
 
 MODEL_ARGS = ("--model.hf_path", str(HF_DIR), "--model.gguf_path", str(GGUF))
 
@@ -152,16 +153,16 @@ def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(tmp_path, monkeypatc
     above races through) ends the job cancelled, never as a stray signal and a stuck row."""
     jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
-    started = JobStore._start
+    started = JobStore.mark_running
 
     def start_then_cancel(self: JobStore, job: str) -> None:
         started(self, job)
         self.request_cancel(job)  # flags the row and SIGTERMs this very process
-        # What a loaded machine does at random: the signal is handled before `_start`
+        # What a loaded machine does at random: the signal is handled before `mark_running`
         # has returned to the runner.
         time.sleep(0.05)
 
-    monkeypatch.setattr(JobStore, "_start", start_then_cancel)
+    monkeypatch.setattr(JobStore, "mark_running", start_then_cancel)
     handler_before = signal.getsignal(signal.SIGTERM)
     ran = []
     # A second thread, as a loaded test process has (servers' readers, pools): the kernel

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from merge.export import ExportSpec
-from merge.jobs import JobError, JobStatus, JobStore
-from merge.quality_gate import GateConfig
+from tuneserve.jobs.store import JobError, JobStatus, JobStore
+from tuneserve.gguf.quality_gate import GateConfig
 from merge.tasks import run_new
-from tests.conftest import MODEL
-from tests.servers import DATA_DIR, ROOT
+from tests.support.servers import MODEL
+from tests.support.servers import DATA_DIR, ROOT
 from tuneserve.config import load_settings
 from tuneserve.errors import ModelPreparationError
 from tuneserve.gguf import isolated
@@ -27,7 +27,7 @@ from tuneserve.gguf.agreement import DecodeCheckRequest, isolated_decode_check
 from tuneserve.gguf.llama_loader import decide_extra_buffer_types, gguf_file_type, llama_runtime
 from tuneserve.models import prepare
 from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME, MARKER
-from tuneserve.models.quantize import quantize_gguf
+from tuneserve.gguf.quantize import quantize_gguf
 from tuneserve.store import Store
 
 MODEL_DIR = DATA_DIR / "models" / MODEL

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.adapter_factory import HF_DIR
-from tests.merge_factory import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.support.adapters import HF_DIR
+from tests.support.merges import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
 
 PROBE = "What is the capital of France?"
 TENSOR = "model.layers.3.mlp.down_proj.weight"

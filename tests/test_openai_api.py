@@ -8,8 +8,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import MODEL
-from tests.servers import ServerProcess
+from tests.support.servers import MODEL
+from tests.support.servers import ServerProcess
 
 # Not "the capital of France": its first token is a near-tie that the Q8_0 GGUF breaks
 # the other way on some CPUs ("L'Étoile..."), though it passes the quality gate.

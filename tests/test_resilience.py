@@ -6,8 +6,8 @@ import httpx
 
 from serving.resilience import CircuitBreaker
 from tests.clock import ManualClock
-from tests.conftest import MODEL
-from tests.servers import free_port, gateway
+from tests.support.servers import MODEL
+from tests.support.servers import free_port, gateway
 
 
 

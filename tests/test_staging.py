@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT
+from tests.support.servers import ROOT
 from tuneserve.fsutil import OWNER_FILE, owned_temp_dir, staged_dir
 
 # Enters staged_dir(FINAL), writes a file, says where, then waits to be killed.

@@ -27,14 +27,14 @@ from tuneserve.audit import AuditLog, audit_path
 from tuneserve.config import AuthConfig, load_settings
 from tuneserve.errors import ConfigError, TuneserveError
 from tuneserve.store import MIGRATIONS, Store, StoreError, db_path
-from tuneserve.tenancy.auth import (
+from serving.auth import (
     ADMIN_PRINCIPAL,
     DEV_PRINCIPAL,
     Authenticator,
     Principal,
     log_dev_mode_warning,
 )
-from tuneserve.tenancy.tenants import (
+from tuneserve.tenants.store import (
     InvalidTenantName,
     TenantExists,
     TenantNotFound,

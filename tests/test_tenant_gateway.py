@@ -11,10 +11,10 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.adapter_factory import make_adapter, tar_gz_bytes
-from tests.conftest import MODEL
-from tests.metrics_util import scrape, value
-from tests.servers import DATA_DIR, ServerProcess, gateway
+from tests.support.adapters import make_adapter, tar_gz_bytes
+from tests.support.servers import MODEL
+from tests.support.metrics import scrape, value
+from tests.support.servers import DATA_DIR, ServerProcess, gateway
 
 ADMIN_KEY = "admin-key-for-tests-0123456789"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

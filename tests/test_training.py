@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 from safetensors import safe_open
 
-from tests.servers import DATA_DIR, ROOT
+from tests.support.servers import DATA_DIR, ROOT
 from training.datagen.function_calling import TOOLS, generate, preference_pairs, split_templates, write_jsonl
 from training.data import DataError
 from training.evaluate import CallCase, load_call_cases, score_calls

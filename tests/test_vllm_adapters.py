@@ -10,10 +10,10 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.adapter_factory import make_adapter, tar_gz_bytes
-from tests.conftest import MODEL
-from tests.metrics_util import scrape, value
-from tests.servers import DATA_DIR, ServerProcess, free_port, gateway
+from tests.support.adapters import make_adapter, tar_gz_bytes
+from tests.support.servers import MODEL
+from tests.support.metrics import scrape, value
+from tests.support.servers import DATA_DIR, ServerProcess, free_port, gateway
 from tuneserve.models.prepare import F16_GGUF_NAME
 
 pytestmark = pytest.mark.vllm

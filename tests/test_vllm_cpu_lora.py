@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serving.engines import vllm_cpu_lora as ops
-from tests.servers import ServerProcess
+from vllm_plugin import cpu_lora as ops
+from tests.support.servers import ServerProcess
 
 SLOTS, RANK, HIDDEN, OUT = 4, 8, 48, 40
 

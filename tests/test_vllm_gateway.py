@@ -11,10 +11,10 @@ from openai import OpenAI
 
 from serving.engines.base import GenerationRequest, SamplingParams
 from serving.engines.llamacpp import prompt_tokens
-from serving.prompting import ChatTemplate
-from tests.conftest import MODEL
-from tests.metrics_util import scrape, value
-from tests.servers import DATA_DIR, ServerProcess, gateway
+from tuneserve.models.chat_template import ChatTemplate
+from tests.support.servers import MODEL
+from tests.support.metrics import scrape, value
+from tests.support.servers import DATA_DIR, ServerProcess, gateway
 from tuneserve.gguf.llama_loader import load_llama
 
 CONVERSATIONS = [

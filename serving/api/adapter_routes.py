@@ -19,11 +19,11 @@ from starlette.datastructures import UploadFile
 
 from serving.engines.base import Engine
 from serving.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge
-from serving.tenancy import Tenancy, actor
+from serving.access import Tenancy, actor
 from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord
 from tuneserve.adapters.validation import AdapterRejected
-from tuneserve.tenancy.auth import Principal
-from tuneserve.tenancy.tenants import TenantNotFound
+from serving.auth import Principal
+from tuneserve.tenants.store import TenantNotFound
 
 # Room for the multipart envelope and the form fields around the archive.
 _MULTIPART_OVERHEAD = 64 * 1024

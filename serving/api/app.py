@@ -24,10 +24,10 @@ from serving.engines.vllm import VLLMEngine
 from serving.engines.vllm_launcher import VLLMLauncher
 from serving.errors import ApiError, InvalidRequest, NoEngineAvailable
 from serving.metrics import GatewayMetrics
-from serving.prompting import ChatTemplate
+from tuneserve.models.chat_template import ChatTemplate
 from serving.router import Router
-from serving.tenancy import Tenancy
-from tuneserve.tenancy.auth import log_dev_mode_warning
+from serving.access import Tenancy
+from serving.auth import log_dev_mode_warning
 from tuneserve import __version__
 from tuneserve.config import Settings
 

@@ -24,7 +24,7 @@ from serving.engines.base import AdapterRef, GenerationRequest, TextDelta, Usage
 from serving.errors import ApiError, EngineFailed, RequestTimeout
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
-from serving.tenancy import ADMIN_LABEL, Tenancy, to_ref
+from serving.access import ADMIN_LABEL, Tenancy, to_ref
 
 log = logging.getLogger(__name__)
 

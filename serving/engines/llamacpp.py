@@ -30,7 +30,7 @@ from serving.engines.base import (
 )
 from serving.engines.llamacpp_adapters import LlamaAdapterCache
 from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
-from serving.prompting import ChatTemplate, ChatTemplateError
+from tuneserve.models.chat_template import ChatTemplate, ChatTemplateError
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, llama_runtime, load_llama
 
 log = logging.getLogger(__name__)

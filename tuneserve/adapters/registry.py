@@ -34,7 +34,7 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from tuneserve.adapters.archive import unpack
-from tuneserve.adapters.gguf_lora import AdapterConversionError, convert_lora_to_gguf
+from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
 from tuneserve.adapters.validation import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -45,7 +45,7 @@ def export_spec(args: argparse.Namespace) -> dict:
     from pydantic import ValidationError
 
     from merge.export import ExportError, ExportSpec, source_kind, validate_spec
-    from merge.quality_gate import GateConfig
+    from tuneserve.gguf.quality_gate import GateConfig
     from tuneserve.config import format_validation_error
 
     settings = settings_from_args(args)

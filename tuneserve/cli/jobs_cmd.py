@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def open_jobs(args: argparse.Namespace) -> Iterator["JobStore"]:  # noqa: F821
     """The job table, after marking jobs whose process died as failed."""
-    from merge.jobs import JobStore
+    from tuneserve.jobs.store import JobStore
     from tuneserve.store import Store, db_path
 
     settings = settings_from_args(args)

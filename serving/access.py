@@ -16,8 +16,8 @@ from tuneserve.adapters.registry import AdapterRecord, AdapterRegistry
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.config import Settings
 from tuneserve.store import Store, db_path
-from tuneserve.tenancy.auth import Authenticator, Principal
-from tuneserve.tenancy.tenants import TenantStore
+from serving.auth import Authenticator, Principal
+from tuneserve.tenants.store import TenantStore
 
 ADMIN_LABEL = "admin"
 

@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from tests.servers import DATA_DIR
+from tests.support.servers import DATA_DIR
 
 HF_DIR = DATA_DIR / "models" / "smollm2-135m-instruct" / "hf"
 # lora_B starts at zero (a no-op adapter); this spread makes the adapter change the

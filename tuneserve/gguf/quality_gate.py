@@ -118,7 +118,7 @@ def _reference_run(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.prompting import ChatTemplate
+    from tuneserve.models.chat_template import ChatTemplate
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)

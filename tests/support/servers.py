@@ -13,7 +13,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from tuneserve.config import DEFAULT_MODEL_ID
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = DEFAULT_MODEL_ID
 DATA_DIR = Path(os.environ.get("TUNESERVE_DATA_DIR", ROOT / "data")).resolve()
 LOG_DIR = ROOT / ".pytest_cache" / "server-logs"
 # The tiny model answers well only in float32; eager mode skips minutes of torch.compile.

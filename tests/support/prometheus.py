@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.servers import ROOT, ServerProcess, free_port
+from tests.support.servers import ROOT, ServerProcess, free_port
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.adapter_factory import HF_DIR, make_adapter
-from tests.servers import DATA_DIR, ROOT
+from tests.support.adapters import HF_DIR, make_adapter
+from tests.support.servers import DATA_DIR, ROOT
 
 GGUF = DATA_DIR / "models" / "smollm2-135m-instruct" / "model.gguf"
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serving.errors import Unauthorized
 from tuneserve.config import AuthConfig
-from tuneserve.tenancy.tenants import TenantStore, hash_key
+from tuneserve.tenants.store import TenantStore, hash_key
 
 log = logging.getLogger(__name__)
 

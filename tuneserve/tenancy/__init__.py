@@ -1,1 +1,0 @@
-"""Tenants, their API keys, and authenticating the gateway's requests."""
