@@ -5,26 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from tuneserve import __version__
 from tuneserve.cli import adapters_cmd, eval_cmd, models_cmd, serve_cmd, tenants_cmd, train_cmd
 from tuneserve.cli import export_cmd, jobs_cmd, merge_cmd
 from tuneserve.errors import TuneserveError
-
-# Commands whose issues are still open register here so `--help` shows the whole
-# tool; each says plainly that it is not available yet instead of pretending.
-PLANNED = {
-}
-
-
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"tuneserve {name}: not available in this version yet", file=sys.stderr)
-        return 2
-
-    return run
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__)
@@ -39,9 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cmd.register(sub)
     train_cmd.register(sub)
     eval_cmd.register(sub)
-    for name, summary in PLANNED.items():
-        planned = sub.add_parser(name, help=f"{summary} (not available yet)")
-        planned.set_defaults(handler=_planned(name))
     return parser
 
 
