@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.servers import ROOT
-from tuneserve.fsutil import OWNER_FILE, owned_temp_dir, staged_dir
+from tuneserve.fsutil import OWNER_FILE, owned_temp_dir, staged_dir, write_atomic
 
 # Enters staged_dir(FINAL), writes a file, says where, then waits to be killed.
 STAGING_CHILD = """
@@ -90,3 +90,24 @@ def test_ctrl_c_inside_staging_leaves_nothing(tmp_path: Path) -> None:
             (stage / "half").write_text("x")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "records" / "current"
+    write_atomic(target, "v1\n", durable=True)
+    write_atomic(target, b"v2\n")
+    assert target.read_text() == "v2\n" and oct(target.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in target.parent.iterdir()] == ["current"]
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "current"
+    write_atomic(target, "v1\n")
+
+    def no_space(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, "v2\n")
+    assert target.read_text() == "v1\n" and [p.name for p in tmp_path.iterdir()] == ["current"]

@@ -395,6 +395,12 @@ def layered_tree(
     return _deep_merge(tree, flag_tree)
 
 
+def first_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """The first error of `exc` as (dotted key, message): what a one-line error names."""
+    err = exc.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), err["msg"]
+
+
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     lines = []
     for err in exc.errors():

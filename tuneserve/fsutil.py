@@ -88,6 +88,25 @@ def staged_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_atomic(path: Path, data: str | bytes, *, durable: bool = False, mode: int = 0o644) -> None:
+    """Replace `path` with `data` in one rename: a reader sees the old file or the new one,
+    never half of it. `durable` also fsyncs the data before the rename, for records that
+    must survive a power cut (the adapter registry's pointers), not for caches."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 class InsufficientDiskSpace(TuneserveError):
     pass
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve.errors import TuneserveError
+from tuneserve.fsutil import write_atomic
 from tuneserve.gguf.agreement import TeacherForcedRequest, isolated_teacher_forced_scores, log_softmax
 from tuneserve.gguf.isolated import CheckCrashed
 from tuneserve.gguf.llama_loader import ExtraBufferTypes
@@ -187,10 +187,7 @@ def reference_run(
     if cached.is_file():
         return ReferenceRun.model_validate_json(cached.read_text())
     run = _reference_run(hf_dir, adapter_dir, config)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(run.model_dump_json())
-    os.replace(tmp, cached)
+    write_atomic(cached, run.model_dump_json())
     return run
 
 
