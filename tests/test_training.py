@@ -12,16 +12,19 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import pytest
 from safetensors import safe_open
 
 from tests.support.servers import DATA_DIR, ROOT
-from training.datagen.function_calling import TOOLS, generate, preference_pairs, split_templates, write_jsonl
+from training.config import TrainConfig
 from training.data import DataError
+from training.datagen.function_calling import TOOLS, generate, split_templates, write_jsonl
 from training.evaluate import CallCase, load_call_cases, score_calls
-from training.trainer import mix_replay
+from training.report import TrainingReport
+from training.run import METHODS
+from training.sft import mix_replay
 from tuneserve.cli.main import main
 
 FAST = [
@@ -120,6 +123,10 @@ def test_replay_makes_up_the_ratio_and_warns_when_its_pool_would_repeat(caplog: 
     assert "needs 20 replay examples but replay.path has 5" in warning and "4.0 times" in warning
 
 
+def test_every_configurable_method_has_a_builder() -> None:
+    assert set(METHODS) == set(get_args(TrainConfig.model_fields["method"].annotation))
+
+
 def test_call_scoring() -> None:
     cases = [
         CallCase("a:1", [], None, "get_weather", {"city": "Seoul"}),
@@ -191,6 +198,7 @@ def test_qlora_run_lowers_loss_and_writes_a_peft_adapter(qlora_run: tuple[Path, 
     assert rc == 0
     rep = report(run_dir)
     assert rep["status"] == "completed" and rep["steps"] == 5
+    assert TrainingReport.model_validate(rep).model_dump(mode="json") == rep  # the file is the model
     cfg = rep["config"]["quantization"]
     assert cfg["enabled"] and cfg["quant_type"] == "nf4" and cfg["double_quant"] and cfg["compute_dtype"] == "bfloat16"
     losses = [p["loss"] for p in rep["loss_curve"]]

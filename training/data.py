@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -272,6 +273,17 @@ def files_sha256(paths: Sequence[Path]) -> str:
     for path in paths:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
+
+
+def split_eval(items: Sequence[Any], ratio: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out `ratio` of the examples (at least one when ratio > 0), the same ones for a given seed."""
+    if ratio <= 0 or len(items) < 2:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(items) - 1, max(1, round(ratio * len(items))))
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 # ---------------------------------------------------------------- rendering

@@ -9,13 +9,23 @@ Lines: {"prompt": str | [messages ending with a user turn], "chosen": str,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from training import data as D
+from training.arguments import training_arguments
 from training.config import TrainConfig
+from training.method import BuiltTrainer
 from training.model import build_model
-from training.trainer import split_eval, training_arguments
+
+
+class DpoDataSummary(BaseModel):
+    train_examples: int
+    eval_examples: int
+    truncated: int
+    truncated_examples: list[str]
+    max_length: int
 
 
 def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tuple[list[dict[str, Any]], int, list[str]]:
@@ -36,7 +46,7 @@ def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tupl
     return rows, truncated, problems
 
 
-def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> tuple[Any, dict[str, Any], list[Path]]:
+def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTrainer:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -52,7 +62,7 @@ def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> tuple[A
     if problems:
         raise D.DataError(problems)
     if not cfg.eval:
-        train_rows, eval_rows = split_eval(train_rows, cfg.eval_ratio, config.optim.seed)
+        train_rows, eval_rows = D.split_eval(train_rows, cfg.eval_ratio, config.optim.seed)
 
     model = build_model(config, base)
     args = training_arguments(
@@ -71,11 +81,11 @@ def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> tuple[A
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
     )
-    stats = {
-        "train_examples": len(train_rows),
-        "eval_examples": len(eval_rows),
-        "truncated": train_cut + eval_cut,
-        "truncated_examples": [],
-        "max_length": cfg.max_length,
-    }
-    return trainer, stats, [*cfg.train, *cfg.eval]
+    stats = DpoDataSummary(
+        train_examples=len(train_rows),
+        eval_examples=len(eval_rows),
+        truncated=train_cut + eval_cut,
+        truncated_examples=[],
+        max_length=cfg.max_length,
+    )
+    return BuiltTrainer(trainer, stats, [*cfg.train, *cfg.eval])

@@ -37,26 +37,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.config import load_train_config
-    from training.trainer import run_training
+    from training.run import run_training
     from tuneserve.config import load_settings
 
     overrides = {k: v for k, v in vars(args).items() if k in set(args.train_keys)}
     config = load_train_config(args.config, overrides)
-    result = run_training(config, load_settings())
-    report = result.report
+    report = run_training(config, load_settings())
     summary = {
-        "status": report["status"],
-        "steps": report["steps"],
-        "final_loss": report["loss_curve"][-1]["loss"] if report["loss_curve"] else None,
-        "eval_perplexity": report["eval_perplexity"],
-        "tokens_per_s": report["tokens_per_s"],
-        "adapter_dir": report["adapter_dir"],
-        "published": report["published"]["engine_name"] if report["published"] else None,
+        "status": report.status,
+        "steps": report.steps,
+        "final_loss": report.final_loss,
+        "eval_perplexity": report.eval_perplexity,
+        "tokens_per_s": report.tokens_per_s,
+        "adapter_dir": str(report.adapter_dir),
+        "published": report.published.engine_name if report.published else None,
     }
     print(json.dumps(summary, indent=2))
-    if result.interrupted:
+    if report.interrupted:
         print(
-            f"tuneserve train: interrupted at step {report['steps']}; continue with --resume",
+            f"tuneserve train: interrupted at step {report.steps}; continue with --resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

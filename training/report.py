@@ -1,0 +1,85 @@
+"""training_report.json: what a run did, returned to the CLI and written into the run dir.
+
+The keys on disk are documented in the README and read by the benchmarks; the
+fields below are in the order they are written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from training.config import TrainConfig
+from tuneserve.adapters.registry import AdapterRecord
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float
+    learning_rate: float | None
+
+
+class EvalPoint(BaseModel):
+    step: int
+    eval_loss: float
+    eval_perplexity: float | None  # None where the method's Trainer does not compute it (DPO)
+
+
+class TrainingReport(BaseModel):
+    status: Literal["completed", "interrupted"]
+    method: str
+    base_model: str
+    config: TrainConfig
+    # The method's own DataSummary fields, then sha256 and files: methods count different things.
+    data: dict[str, Any]
+    steps: int
+    max_steps: int
+    resumed_from: Path | None
+    resumed_at_step: int
+    epochs: float | None
+    loss_curve: list[LossPoint]
+    eval_curve: list[EvalPoint]
+    eval_loss: float | None
+    eval_perplexity: float | None
+    best_checkpoint: str | None
+    wall_time_s: float  # of this session: a resumed run's tokens/s are its own
+    total_time_s: float
+    train_tokens: int
+    tokens_per_s: float | None
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+    threads: int
+    adapter_dir: Path
+    published: AdapterRecord | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.loss_curve[-1].loss if self.loss_curve else None
+
+    def write(self, path: Path) -> None:
+        """Atomically: a reader never sees half a report."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        # Not model_dump_json: that writes an infinite perplexity as null, json.dumps as Infinity.
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2, default=str) + "\n")
+        tmp.replace(path)
+
+
+def loss_curve(log_history: list[dict[str, Any]]) -> list[LossPoint]:
+    return [
+        LossPoint(step=e["step"], loss=e["loss"], learning_rate=e.get("learning_rate"))
+        for e in log_history if "loss" in e
+    ]
+
+
+def eval_curve(log_history: list[dict[str, Any]]) -> list[EvalPoint]:
+    return [
+        EvalPoint(step=e["step"], eval_loss=e["eval_loss"], eval_perplexity=e.get("eval_perplexity"))
+        for e in log_history if "eval_loss" in e
+    ]
