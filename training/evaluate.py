@@ -78,7 +78,7 @@ def load_model(base: str, adapter: Path | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
@@ -140,11 +140,12 @@ def _score(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
         if call is None:
             continue
         valid += 1
-        got_args = call.get("arguments") if isinstance(call.get("arguments"), dict) else {}
+        arguments = call.get("arguments")
+        got_args: dict[str, Any] = arguments if isinstance(arguments, dict) else {}
         if call.get("name") == case.name:
             names += 1
             args_hit += sum(1 for k, v in case.arguments.items() if k in got_args and got_args[k] == v)
-            exact += got_args == case.arguments
+            exact += int(got_args == case.arguments)
     n = len(cases) or 1
     return {
         "examples": len(cases),

@@ -74,7 +74,7 @@ def peft_config(lora: LoraConfig) -> Any:
 
     return peft.LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int but scales by any number
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,

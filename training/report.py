@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from training.config import TrainConfig
 from tuneserve.adapters.registry import AdapterRecord
+from tuneserve.fsutil import write_atomic
 
 
 class LossPoint(BaseModel):
@@ -65,10 +66,8 @@ class TrainingReport(BaseModel):
 
     def write(self, path: Path) -> None:
         """Atomically: a reader never sees half a report."""
-        tmp = path.with_name(f".{path.name}.tmp")
         # Not model_dump_json: that writes an infinite perplexity as null, json.dumps as Infinity.
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2, default=str) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.model_dump(mode="json"), indent=2, default=str) + "\n")
 
 
 def loss_curve(log_history: list[dict[str, Any]]) -> list[LossPoint]:

@@ -233,36 +233,36 @@ def _product(inputs: torch.Tensor, weights: torch.Tensor, plan: _Plan, dtype: to
 # vLLM's signatures (vllm/lora/ops/torch_ops/lora_ops.py), decode then prefill.
 
 
-def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0) -> None:  # type: ignore[no-untyped-def]
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0) -> None:
     _shrink(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), scaling)
 
 
-def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True) -> None:  # type: ignore[no-untyped-def]
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True) -> None:
     _expand(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), add_inputs)
 
 
-def bgmv_expand_slice(  # type: ignore[no-untyped-def]
+def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs=True
 ) -> None:
     plan = _token_plan(lora_indices_tensor)
     _expand_slice(inputs, lora_b_weights, output_tensor, plan, slice_offset, slice_size, add_inputs)
 
 
-def sgmv_shrink(  # type: ignore[no-untyped-def]
+def sgmv_shrink(
     inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
     batches, max_seq_length, token_nums, scaling,
 ) -> None:
     _shrink(inputs, lora_a_weights, output_tensor, _sequence_plan(lora_indices_tensor, seq_len_tensor), scaling)
 
 
-def sgmv_expand(  # type: ignore[no-untyped-def]
+def sgmv_expand(
     inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
     batches, max_seq_length, token_nums, add_inputs=False,
 ) -> None:
     _expand(inputs, lora_b_weights, output_tensor, _sequence_plan(lora_indices_tensor, seq_len_tensor), add_inputs)
 
 
-def sgmv_expand_slice(  # type: ignore[no-untyped-def]
+def sgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
     batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False,
 ) -> None:
@@ -345,7 +345,7 @@ def _slot_mask(plan: _Plan, slots: int, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
-def add_lora_linear(  # type: ignore[no-untyped-def]
+def add_lora_linear(
     wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs
 ) -> None:
     """PunicaWrapperCPU.add_lora_linear: y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T
@@ -362,7 +362,7 @@ def add_lora_linear(  # type: ignore[no-untyped-def]
     mixed_rows = plan is not None and plan.picked is not None and plan.rows > _ALL_SLOTS_MAX_ROWS
     if plan is not None and x2.dtype == y2.dtype and not (mixed_rows and len(plan.runs) > _MAX_RUNS):
         layer = _fused_layer(lora_a_stacked, lora_b_stacked, x2.dtype)
-    if layer is None:
+    if layer is None or plan is None:  # a layer is only built with a plan
         _original_add_lora_linear(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         return
     if plan.picked is None:
@@ -407,7 +407,7 @@ _original_add_lora_linear: Callable[..., None]
 
 
 def _note_slot_writes(activate: Callable[..., bool]) -> Callable[..., bool]:
-    def activate_adapter(self, lora_id: int) -> bool:  # type: ignore[no-untyped-def]
+    def activate_adapter(self, lora_id: int) -> bool:
         # vLLM calls it for every adapter of every step; it returns True only when it
         # wrote an adapter's weights into a free slot. A failure may have written some.
         global _generation, _all_written_at
@@ -448,7 +448,7 @@ def register() -> None:
     wrapper = punica_cpu.PunicaWrapperCPU
     if wrapper.add_lora_linear is not add_lora_linear:
         _original_add_lora_linear = wrapper.add_lora_linear
-        wrapper.add_lora_linear = add_lora_linear
+        setattr(wrapper, "add_lora_linear", add_lora_linear)
     if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
-        LoRAModelManager.activate_adapter = _note_slot_writes(LoRAModelManager.activate_adapter)
+        setattr(LoRAModelManager, "activate_adapter", _note_slot_writes(LoRAModelManager.activate_adapter))
     log.info("tuneserve: grouped CPU LoRA ops in place of vLLM's gather-per-token ones")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import aiohttp
 
@@ -61,7 +61,7 @@ def request_body(request: GenerationRequest, model: str, stream: bool = True) ->
     return body
 
 
-async def _sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _sse_lines(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
     """Lines of an SSE body, read as whatever bytes have arrived.
 
     vLLM sends each event in one write; reading line by line would wake this

@@ -18,7 +18,7 @@ import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 Value = str | int | float | bool
 
@@ -39,7 +39,8 @@ class Tool:
     description: str
     properties: dict[str, dict[str, Any]]
     required: list[str]
-    pools: dict[str, dict[str, list[Value]]]  # arg -> lang ("en", "ko" or "*") -> values
+    # Mapping/Sequence: read-only, so pools of plain strings are pools of values.
+    pools: Mapping[str, Mapping[str, Sequence[Value]]]  # arg -> lang ("en", "ko" or "*") -> values
     templates: list[Template]
 
     def spec(self) -> dict[str, Any]:

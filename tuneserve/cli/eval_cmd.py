@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -74,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(results))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
+        from tuneserve.fsutil import write_atomic
+
+        write_atomic(args.output, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(f"results: {args.output}", file=sys.stderr)
     return 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from tuneserve.jobs.store import JobStore
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def open_jobs(args: argparse.Namespace) -> Iterator["JobStore"]:  # noqa: F821
+def open_jobs(args: argparse.Namespace) -> Iterator[JobStore]:
     """The job table, after marking jobs whose process died as failed."""
     from tuneserve.jobs.store import JobStore
     from tuneserve.store import Store, db_path

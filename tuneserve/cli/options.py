@@ -42,7 +42,7 @@ def _add_field_flags(group: argparse._ArgumentGroup, model: type[Any], with_env:
             default = info.default_factory()
         type_name = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
         # A bare boolean flag (--resume) means true; --resume false also parses.
-        boolean = {"nargs": "?", "const": True} if info.annotation is bool else {}
+        boolean: dict[str, Any] = {"nargs": "?", "const": True} if info.annotation is bool else {}
         env = f"; env: {env_name(key)}" if with_env else ""
         group.add_argument(
             f"--{key}",

@@ -9,9 +9,12 @@ those, so a llama.cpp crash fails the check instead of the command.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from tuneserve.gguf.isolated import run_isolated
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, load_llama
@@ -52,7 +55,7 @@ class DecodeCheckResult(BaseModel):
     decoded: int
 
 
-def log_softmax(logits: "np.ndarray") -> "np.ndarray":  # noqa: F821
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     import numpy as np
 
     shifted = logits - logits.max(-1, keepdims=True)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -121,7 +122,7 @@ def _reference_run(hf_dir: Path, adapter_dir: Path | None, config: GateConfig) -
     from tuneserve.models.chat_template import ChatTemplate
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -214,7 +215,7 @@ def run_gate(
         "max_perplexity_ratio": config.max_perplexity_ratio,
         "min_token_agreement": config.min_token_agreement,
     }
-    sizes = dict(
+    sizes: dict[str, Any] = dict(
         prompts=len(ref.prompts),
         text_tokens=len(ref.text_ids),
         continuation_tokens=sum(len(c) for c in ref.continuations),

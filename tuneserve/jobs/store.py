@@ -13,6 +13,7 @@ output is discarded by the same `finally` blocks as any failure.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -104,11 +105,11 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}; `tuneserve jobs list` shows the jobs")
         return _record(rows[0])
 
-    def list(self, limit: int = 50) -> list[JobRecord]:
+    def list(self, limit: int = 50) -> "builtins.list[JobRecord]":
         rows = self.store.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_record(r) for r in rows]
 
-    def recover(self) -> list[str]:
+    def recover(self) -> "builtins.list[str]":
         """Mark running jobs whose process is gone as failed; return their ids."""
         failed = []
         for row in self.store.query(
@@ -170,7 +171,7 @@ class JobStore:
         if not changed:
             raise JobError(f"job {job_id} is {self.get(job_id).status.value}, not queued")
 
-    def mark_finished(self, job_id: str, status: JobStatus, error: str | None = None, outputs: list[str] | None = None) -> None:
+    def mark_finished(self, job_id: str, status: JobStatus, error: str | None = None, outputs: "builtins.list[str] | None" = None) -> None:
         self.store.execute(
             "UPDATE jobs SET status = ?, error = ?, outputs = COALESCE(?, outputs), "
             "finished_at = ?, progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END, "
