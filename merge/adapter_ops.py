@@ -27,9 +27,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merge.config import MergeConfigError
-from tuneserve.jobs.runner import JobContext
+from tuneserve.adapters.peft_format import ADAPTER_CONFIG, is_adapter_dir
 from tuneserve.config import format_validation_error
 from tuneserve.fsutil import require_free_space, staged_dir
+from tuneserve.jobs.runner import JobContext
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_ties", "dare_linear")
 
@@ -47,8 +48,8 @@ class _Op(BaseModel):
 
 
 def _check_adapter_dir(path: Path, key: str) -> None:
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{key}: {path} is not a PEFT adapter dir (no adapter_config.json)")
+    if not is_adapter_dir(path):
+        raise ValueError(f"{key}: {path} is not a PEFT adapter dir (no {ADAPTER_CONFIG})")
 
 
 class MergeAdapterOp(_Op):
@@ -94,7 +95,7 @@ class CombineAdaptersOp(_Op):
         if all(a.weight == 0 for a in self.adapters):
             raise ValueError("adapters[*].weight: every weight is 0")
         if self.combination == "linear":
-            ranks = {json.loads((a.path / "adapter_config.json").read_text()).get("r") for a in self.adapters}
+            ranks = {json.loads((a.path / ADAPTER_CONFIG).read_text()).get("r") for a in self.adapters}
             if len(ranks) > 1:
                 raise ValueError(f"adapters: linear combination needs equal ranks, got {sorted(ranks)}; use cat or svd")
         return self
@@ -183,7 +184,7 @@ def combine_adapters(op: CombineAdaptersOp, out: Path, ctx: JobContext, registry
         for file in saved.iterdir():
             shutil.move(str(file), stage / file.name)
         shutil.rmtree(stage / "peft")
-        config_file = stage / "adapter_config.json"
+        config_file = stage / ADAPTER_CONFIG
         config = json.loads(config_file.read_text())
         # The base is whatever the user named; the registry checks it against the served one.
         config["base_model_name_or_path"] = str(op.base)

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from tuneserve.adapters.peft_format import ADAPTER_CONFIG, is_adapter_dir
 from tuneserve.config import format_validation_error, read_yaml_mapping
 from tuneserve.errors import ConfigError
 
@@ -76,10 +77,10 @@ def _check_adapter(path: str, key: str) -> None:
     if not _is_local(path):
         return
     adapter = Path(path).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
+    if not is_adapter_dir(adapter):
         raise MergeConfigError(
             f"{key}: adapter {path} does not exist or is not a PEFT adapter dir "
-            "(no adapter_config.json)"
+            f"(no {ADAPTER_CONFIG})"
         )
 
 

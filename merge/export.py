@@ -12,13 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneserve.jobs.runner import JobContext
-from tuneserve.gguf.quality_gate import GateConfig, QualityGateFailed, run_gate
+from tuneserve.adapters.peft_format import is_adapter_dir
 from tuneserve.errors import ConfigError
 from tuneserve.fsutil import owned_temp_dir, require_free_space
-from tuneserve.gguf.llama_loader import ExtraBufferTypes
 from tuneserve.gguf.convert import OUTTYPES
+from tuneserve.gguf.llama_loader import ExtraBufferTypes
+from tuneserve.gguf.quality_gate import GateConfig, QualityGateFailed, run_gate
 from tuneserve.gguf.quantize import FTYPES
+from tuneserve.jobs.runner import JobContext
 
 # Lower case: written by llama.cpp's converter; upper case: llama_model_quantize of an f16.
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")
@@ -49,7 +50,7 @@ class ExportSpec(BaseModel):
 
 
 def source_kind(source: Path) -> SourceKind:
-    if source.is_dir() and (source / "adapter_config.json").is_file():
+    if is_adapter_dir(source):
         return "adapter"
     if source.is_dir() and (source / "config.json").is_file():
         return "hf"

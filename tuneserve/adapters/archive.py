@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from tuneserve.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tuneserve.adapters.validation import AdapterRejected, quote
 from tuneserve.errors import TuneserveError
 
@@ -55,7 +56,7 @@ class _Budget:
         return AdapterRejected(
             "too_large",
             f"the adapter is larger than {self.max_bytes} bytes unpacked (adapters.max_bytes); "
-            "upload only adapter_config.json and adapter_model.safetensors, or lower the rank",
+            f"upload only {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or lower the rank",
         )
 
     def expect(self, size: int) -> None:

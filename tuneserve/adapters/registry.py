@@ -34,10 +34,8 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from tuneserve.adapters.archive import unpack
-from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
+from tuneserve.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tuneserve.adapters.validation import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     AdapterRejected,
     BaseModules,
     check_name,
@@ -46,6 +44,7 @@ from tuneserve.adapters.validation import (
 from tuneserve.config import Settings
 from tuneserve.errors import TuneserveError
 from tuneserve.fsutil import owned_temp_dir, staged_dir
+from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
 from tuneserve.names import is_valid_name
 
 GGUF_FILE = "adapter.gguf"

@@ -10,23 +10,37 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickletools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 
-from tuneserve.names import NAME_RULES, is_valid_name
+from tuneserve.adapters.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BaseWeightsUnreadable,
+    ConfigInvalid,
+    ConfigMissing,
+    ConfigNotJson,
+    ConfigNotObject,
+    LoraTensor,
+    MissingHalf,
+    NotLora,
+    PeftLoraConfig,
+    RankMismatch,
+    lora_tensor,
+    pair_lora,
+    parse_lora_config,
+    read_config_json,
+    read_weight_shapes,
+)
 from tuneserve.config import Settings
 from tuneserve.errors import ConfigError, TuneserveError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from tuneserve.names import NAME_RULES, is_valid_name
 
 
 RejectReason = Literal[
@@ -88,21 +102,12 @@ class BaseModules:
 
     @classmethod
     def from_hf_dir(cls, hf_dir: Path) -> "BaseModules":
-        index = hf_dir / "model.safetensors.index.json"
         try:
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({hf_dir / name for name in weight_map.values()})
-            else:
-                files = sorted(hf_dir.glob("*.safetensors"))
-            shapes: dict[str, tuple[int, ...]] = {}
-            for file in files:
-                with safe_open(str(file), framework="numpy") as weights:
-                    for key in weights.keys():
-                        if key.endswith(".weight"):
-                            shapes[key[: -len(".weight")]] = tuple(weights.get_slice(key).get_shape())
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-            raise ConfigError(f"model.hf_path: cannot read the base model's weights in {hf_dir}: {exc}") from exc
+            shapes = read_weight_shapes(hf_dir)
+        except BaseWeightsUnreadable as exc:
+            raise ConfigError(
+                f"model.hf_path: cannot read the base model's weights in {hf_dir}: {exc.cause}"
+            ) from exc.cause
         if not shapes:
             raise ConfigError(
                 f"model.hf_path: no safetensors weights in {hf_dir}; run `tuneserve models prepare` "
@@ -167,7 +172,7 @@ def check_no_pickles(tree: Path) -> None:
                     "pickle_file",
                     f"{quote(rel)} {why}; pickle files can run code when loaded and are not "
                     "accepted. Save the adapter with safetensors (PEFT's save_pretrained "
-                    "default) and upload only adapter_config.json and adapter_model.safetensors",
+                    f"default) and upload only {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}",
                 )
 
 
@@ -182,44 +187,27 @@ def find_adapter_root(tree: Path) -> Path:
 # ---------------------------------------------------------------- adapter_config.json
 
 
-class _LoraConfig(BaseModel):
-    """The keys of adapter_config.json the registry relies on; others pass through."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    base_model_name_or_path: str | None = None
-    r: int = Field(gt=0)
-    lora_alpha: float
-    target_modules: list[str] | str
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-
-
-def _read_config(root: Path) -> _LoraConfig:
-    path = root / ADAPTER_CONFIG
-    if not path.is_file():
+def _read_config(root: Path) -> PeftLoraConfig:
+    try:
+        return parse_lora_config(read_config_json(root))
+    except ConfigMissing:
         raise AdapterRejected(
             "missing_config",
             f"no {ADAPTER_CONFIG} at the top level of the upload (or of its single top-level "
             "directory); upload the directory PEFT's save_pretrained wrote",
-        )
-    try:
-        raw: Any = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} must be a JSON object")
-    if raw.get("peft_type") != "LORA":
+        ) from None
+    except ConfigNotJson as exc:
+        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} is not valid JSON: {exc.cause}") from None
+    except ConfigNotObject:
+        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} must be a JSON object") from None
+    except NotLora as exc:
         raise AdapterRejected(
             "not_lora",
-            f"{ADAPTER_CONFIG} has peft_type {quote(raw.get('peft_type'))}; only LoRA adapters "
+            f"{ADAPTER_CONFIG} has peft_type {quote(exc.peft_type)}; only LoRA adapters "
             "(peft_type \"LORA\") can be served",
-        )
-    try:
-        return _LoraConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG}: key '{key}': {first['msg']}") from None
+        ) from None
+    except ConfigInvalid as exc:
+        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG}: key '{exc.key}': {exc.reason}") from None
 
 
 def _normalise(name: str) -> str:
@@ -297,7 +285,6 @@ def _targets(target_modules: list[str] | str, base: BaseModules) -> set[str]:
 # ---------------------------------------------------------------- weights
 
 
-_LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 _WEIGHT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -316,10 +303,10 @@ def _check_weights(path: Path, targets: set[str], base: BaseModules, max_rank: i
         raise AdapterRejected(
             "invalid_weights", f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}"
         ) from None
-    halves: dict[str, dict[str, list[int]]] = {}
+    halves: list[tuple[LoraTensor, list[int]]] = []
     for key, (dtype, shape) in header.items():
-        match = _LORA_TENSOR.fullmatch(key)
-        if match is None or match["module"] not in targets:
+        tensor = lora_tensor(key)
+        if tensor is None or tensor.module not in targets:
             raise AdapterRejected(
                 "invalid_weights",
                 f"{ADAPTER_WEIGHTS} holds tensor {quote(key)}, which is not the lora_A/lora_B "
@@ -330,33 +317,38 @@ def _check_weights(path: Path, targets: set[str], base: BaseModules, max_rank: i
                 "invalid_weights",
                 f"tensor {quote(key)} is {dtype} {shape}; LoRA weights must be 2-D F32, F16 or BF16",
             )
-        halves.setdefault(match["module"], {})[match["part"]] = shape
+        halves.append((tensor, shape))
     if not halves:
         raise AdapterRejected("invalid_weights", f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
-    for module, parts in sorted(halves.items()):
-        if set(parts) != {"A", "B"}:
-            missing = "lora_B" if "A" in parts else "lora_A"
-            raise AdapterRejected("invalid_weights", f"module {quote(module)} has no {missing} tensor")
-        (rank, in_features), (out_features, rank_b) = parts["A"], parts["B"]
-        if rank != rank_b:
-            raise AdapterRejected(
-                "invalid_weights", f"module {quote(module)}: lora_A has rank {rank} but lora_B {rank_b}"
-            )
-        # The tensors, not the config, decide the rank the engines must allocate.
-        if rank > max_rank:
-            raise AdapterRejected(
-                "rank_too_large",
-                f"module {quote(module)} has rank {rank}, above the limit of {max_rank} "
-                "(adapters.max_rank); retrain with a smaller r",
-            )
-        expected = base.shapes[module]
-        if (out_features, in_features) != tuple(expected):
-            raise AdapterRejected(
-                "base_mismatch",
-                f"module {quote(module)} adapts a {out_features}x{in_features} weight but the "
-                f"base model's is {expected[0]}x{expected[1]}; the adapter was trained on another base",
-            )
-    return sorted(halves)
+    adapted: list[str] = []
+    try:
+        # By module name, so that which of several faulty modules is reported does not
+        # depend on the order the uploader's tool wrote the tensors in.
+        for pair in pair_lora(sorted(halves, key=lambda half: half[0].module), shape=lambda s: s):
+            module = pair.module
+            # The tensors, not the config, decide the rank the engines must allocate.
+            if pair.rank > max_rank:
+                raise AdapterRejected(
+                    "rank_too_large",
+                    f"module {quote(module)} has rank {pair.rank}, above the limit of {max_rank} "
+                    "(adapters.max_rank); retrain with a smaller r",
+                )
+            expected = base.shapes[module]
+            out_features, in_features = pair.shape
+            if pair.shape != tuple(expected):
+                raise AdapterRejected(
+                    "base_mismatch",
+                    f"module {quote(module)} adapts a {out_features}x{in_features} weight but the "
+                    f"base model's is {expected[0]}x{expected[1]}; the adapter was trained on another base",
+                )
+            adapted.append(module)
+    except MissingHalf as exc:
+        raise AdapterRejected("invalid_weights", f"module {quote(exc.module)} has no {exc.missing} tensor") from None
+    except RankMismatch as exc:
+        raise AdapterRejected(
+            "invalid_weights", f"module {quote(exc.module)}: lora_A has rank {exc.rank_a} but lora_B {exc.rank_b}"
+        ) from None
+    return adapted
 
 
 def _sha256(path: Path) -> str:

@@ -26,16 +26,35 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import gguf
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tuneserve.adapters.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLED_WEIGHTS,
+    BaseWeightsUnreadable,
+    ConfigInvalid,
+    ConfigMissing,
+    ConfigNotJson,
+    ConfigNotObject,
+    LoraPair,
+    LoraTensor,
+    MissingHalf,
+    NotLora,
+    PeftLoraConfig,
+    RankMismatch,
+    check_is_lora,
+    lora_tensor,
+    pair_lora,
+    parse_lora_config,
+    read_config_json,
+    read_weight_shapes,
+)
 from tuneserve.errors import TuneserveError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class AdapterConversionError(TuneserveError):
@@ -80,21 +99,8 @@ _UNSUPPORTED_SWITCHES = {
 # that rewritten base (unless PEFT converted it on save, which resets the field to true).
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-
 # safetensors dtypes numpy reads directly; BF16 is widened by hand (numpy has none).
 _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
-
-
-class _LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    peft_type: str
-    r: int = Field(gt=0)
-    lora_alpha: float
-    use_rslora: bool = False
-    # No rank_pattern: each module's rank is read from its tensors, as llama.cpp does.
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
 
 class _BaseConfig(BaseModel):
@@ -105,9 +111,6 @@ class _BaseConfig(BaseModel):
     num_attention_heads: int = Field(gt=0)
     num_key_value_heads: int | None = Field(default=None, gt=0)
     tie_word_embeddings: bool = False
-
-
-_Config = TypeVar("_Config", _LoraConfig, _BaseConfig)
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path) -> None:
@@ -135,11 +138,12 @@ def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path
     gguf_alpha = _peft_scale(config.lora_alpha, config.r, config.use_rslora) * config.r
 
     tensors: list[tuple[str, np.ndarray, np.ndarray]] = []
-    for module, (lora_a, lora_b) in pairs.items():
+    for pair in pairs:
+        # rank_pattern is not consulted: the rank is read from the tensors, as llama.cpp does.
+        module, lora_a, lora_b, rank = pair.module, pair.a, pair.b, pair.rank
         gguf_name = _gguf_name(name_map, module, base)
-        _check_shape(module, lora_a, lora_b, base_shapes, base_model_dir)
+        _check_shape(pair, base_shapes, base_model_dir)
 
-        rank = lora_a.shape[0]
         pattern = _pattern_key(config.alpha_pattern, module)
         alpha = config.alpha_pattern[pattern] if pattern is not None else config.lora_alpha
         wanted, applied = _peft_scale(alpha, rank, config.use_rslora), gguf_alpha / rank
@@ -175,23 +179,20 @@ def _gguf_name(name_map: gguf.TensorNameMap, module: str, base: _BaseConfig) -> 
 
 
 def _check_shape(
-    module: str,
-    lora_a: np.ndarray,
-    lora_b: np.ndarray,
-    base_shapes: dict[str, list[int]] | None,
-    base_model_dir: Path,
+    pair: LoraPair[np.ndarray], base_shapes: dict[str, tuple[int, ...]] | None, base_model_dir: Path
 ) -> None:
     # llama.cpp would refuse a mismatch only when the adapter is loaded; say it now.
     if base_shapes is None:
         return
-    expected = base_shapes.get(f"{module}.weight")
+    expected = base_shapes.get(pair.module)
     if expected is None:
         raise AdapterConversionError(
-            f"adapter module {module!r} is not a weight of the base model in {base_model_dir}"
+            f"adapter module {pair.module!r} is not a weight of the base model in {base_model_dir}"
         )
-    if [lora_b.shape[0], lora_a.shape[1]] != list(expected):
+    if pair.shape != tuple(expected):
+        out_features, in_features = pair.shape
         raise AdapterConversionError(
-            f"adapter module {module!r} is {lora_b.shape[0]}x{lora_a.shape[1]} but the base "
+            f"adapter module {pair.module!r} is {out_features}x{in_features} but the base "
             f"weight is {'x'.join(map(str, expected))} (wrong base model?)"
         )
 
@@ -205,16 +206,24 @@ def _read_json(path: Path, what: str) -> Any:
         raise AdapterConversionError(f"{what}: cannot read {path}: {exc}") from exc
 
 
-def _read_adapter_config(adapter_dir: Path) -> _LoraConfig:
+def _read_adapter_config(adapter_dir: Path) -> PeftLoraConfig:
     path = adapter_dir / ADAPTER_CONFIG
-    raw = _read_json(path, "not a PEFT adapter directory")
-    if not isinstance(raw, dict):
-        raise AdapterConversionError(f"{path} is not a JSON object")
-    peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
+    try:
+        raw = read_config_json(adapter_dir)
+        # Before the switches below: an IA3 or prefix adapter is told it is not LoRA.
+        check_is_lora(raw)
+    except ConfigMissing:
+        raise AdapterConversionError(f"not a PEFT adapter directory: {path} does not exist") from None
+    except ConfigNotJson as exc:
+        raise AdapterConversionError(f"not a PEFT adapter directory: cannot read {path}: {exc.cause}") from exc.cause
+    except OSError as exc:
+        raise AdapterConversionError(f"not a PEFT adapter directory: cannot read {path}: {exc}") from exc
+    except ConfigNotObject:
+        raise AdapterConversionError(f"{path} is not a JSON object") from None
+    except NotLora as exc:
         raise AdapterConversionError(
-            f"{path}: peft_type is {peft_type!r}; only 'LORA' adapters convert to GGUF"
-        )
+            f"{path}: peft_type is {exc.peft_type!r}; only 'LORA' adapters convert to GGUF"
+        ) from None
     for key, why in _UNSUPPORTED_SWITCHES.items():
         if raw.get(key):
             raise AdapterConversionError(f"{path}: cannot convert, {why}")
@@ -229,7 +238,10 @@ def _read_adapter_config(adapter_dir: Path) -> _LoraConfig:
             "only fits that rewritten base; save it with PEFT's "
             "path_initial_model_for_weight_conversion to get a plain LoRA"
         )
-    config = _validate(_LoraConfig, raw, path)
+    try:
+        config = parse_lora_config(raw)
+    except ConfigInvalid as exc:
+        raise AdapterConversionError(f"{path}: key '{exc.key}': {exc.reason}") from None
     if config.lora_alpha == 0 or not math.isfinite(config.lora_alpha):
         # llama.cpp reads alpha 0 as "no alpha" and applies scale 1, not PEFT's 0.
         raise AdapterConversionError(f"{path}: lora_alpha must be a finite non-zero number")
@@ -238,12 +250,9 @@ def _read_adapter_config(adapter_dir: Path) -> _LoraConfig:
 
 def _read_base_config(base_model_dir: Path) -> _BaseConfig:
     path = base_model_dir / "config.json"
-    return _validate(_BaseConfig, _read_json(path, "not an HF model directory"), path)
-
-
-def _validate(model: type[_Config], raw: Any, path: Path) -> _Config:
+    raw = _read_json(path, "not an HF model directory")
     try:
-        return model.model_validate(raw)
+        return _BaseConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -272,10 +281,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     Read by hand rather than with `safetensors.numpy`, which cannot load BF16, the
     usual dtype of adapters trained on GPUs; torch is not a core dependency.
     """
-    if not path.is_file() and (path.parent / "adapter_model.bin").is_file():
+    if not path.is_file() and (path.parent / PICKLED_WEIGHTS).is_file():
         raise AdapterConversionError(
-            f"{path.parent} holds adapter_model.bin (pickle); re-save the adapter with "
-            "safe_serialization=True to get adapter_model.safetensors"
+            f"{path.parent} holds {PICKLED_WEIGHTS} (pickle); re-save the adapter with "
+            f"safe_serialization=True to get {ADAPTER_WEIGHTS}"
         )
     header, start = _safetensors_header(path)
     data = path.read_bytes()
@@ -303,52 +312,36 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _base_weight_shapes(base_model_dir: Path) -> dict[str, list[int]] | None:
-    """Shapes of the base model's weights from the safetensors headers, or None when
-    the dir holds only the config (llama.cpp's converter needs no more either)."""
-    single = base_model_dir / "model.safetensors"
-    index = base_model_dir / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = _read_json(index, "base model index")
-        weight_map = weight_map.get("weight_map", {}) if isinstance(weight_map, dict) else {}
-        files = [base_model_dir / f for f in sorted(set(weight_map.values()))]
-    else:
-        return None
-    shapes: dict[str, list[int]] = {}
-    for file in files:
-        header, _ = _safetensors_header(file)
-        shapes.update({name: info["shape"] for name, info in header.items()})
-    return shapes
+def _base_weight_shapes(base_model_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """None when the dir holds only the config: llama.cpp's converter needs no more
+    either, so the shape check is then left to llama.cpp at load time."""
+    try:
+        return read_weight_shapes(base_model_dir)
+    except BaseWeightsUnreadable as exc:
+        raise AdapterConversionError(str(exc)) from exc.cause
 
 
-def _pair_tensors(weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """PEFT tensors grouped per adapted module (`model.layers.0.self_attn.q_proj`)."""
-    halves: dict[str, dict[str, np.ndarray]] = {}
+def _pair_tensors(weights: dict[str, np.ndarray]) -> list[LoraPair[np.ndarray]]:
+    halves: list[tuple[LoraTensor, np.ndarray]] = []
     for key, tensor in weights.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
+        name = lora_tensor(key)
+        if name is None:
             raise AdapterConversionError(_why_unexpected(key))
         if tensor.ndim != 2:
             raise AdapterConversionError(
                 f"adapter tensor {key!r} has shape {tensor.shape}; only LoRA on linear layers converts"
             )
-        halves.setdefault(match["module"], {})[match["part"]] = tensor
+        halves.append((name, tensor))
     if not halves:
         raise AdapterConversionError("the adapter holds no LoRA tensors")
-    pairs = {}
-    for module, parts in halves.items():
-        if set(parts) != {"A", "B"}:
-            missing = ({"A", "B"} - set(parts)).pop()
-            raise AdapterConversionError(f"adapter module {module!r} has no lora_{missing} tensor")
-        lora_a, lora_b = parts["A"], parts["B"]
-        if lora_a.shape[0] != lora_b.shape[1]:
-            raise AdapterConversionError(
-                f"adapter module {module!r}: lora_A is rank {lora_a.shape[0]} but lora_B rank {lora_b.shape[1]}"
-            )
-        pairs[module] = (lora_a, lora_b)
-    return pairs
+    try:
+        return list(pair_lora(halves, shape=lambda tensor: tensor.shape))
+    except MissingHalf as exc:
+        raise AdapterConversionError(f"adapter module {exc.module!r} has no {exc.missing} tensor") from None
+    except RankMismatch as exc:
+        raise AdapterConversionError(
+            f"adapter module {exc.module!r}: lora_A is rank {exc.rank_a} but lora_B rank {exc.rank_b}"
+        ) from None
 
 
 def _why_unexpected(key: str) -> str:
