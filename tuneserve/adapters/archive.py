@@ -19,7 +19,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, Iterator, Protocol
 
 from tuneserve.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tuneserve.adapters.validation import AdapterRejected, quote
@@ -146,7 +146,7 @@ def _storing(path: Path) -> Iterator[None]:
         raise
 
 
-def _write(src: BinaryIO, path: Path, budget: _Budget, name: str) -> None:
+def _write(src: IO[bytes], path: Path, budget: _Budget, name: str) -> None:
     with _storing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -170,10 +170,14 @@ def _mkdir(path: Path | None) -> None:
 # ---------------------------------------------------------------- formats
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _CappedReader:
     """A read-only stream that refuses to yield more than `limit` bytes."""
 
-    def __init__(self, raw: BinaryIO, limit: int, budget: _Budget) -> None:
+    def __init__(self, raw: _Readable, limit: int, budget: _Budget) -> None:
         self.raw, self.limit, self.budget, self.count = raw, limit, budget, 0
 
     def read(self, size: int = -1) -> bytes:
@@ -189,7 +193,7 @@ def _extract_tar_gz(source: Path, dest: Path, budget: _Budget) -> None:
     limit = budget.max_bytes + _TAR_OVERHEAD + budget.max_files * _TAR_OVERHEAD_PER_ENTRY
     with gzip.open(source, "rb") as raw:
         # Stream mode ("r|"): members are read one by one as they come, never indexed first.
-        with tarfile.open(fileobj=_CappedReader(raw, limit, budget), mode="r|") as tar:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=_CappedReader(raw, limit, budget), mode="r|") as tar:  # type: ignore[call-overload]  # a file-like read() is all tarfile uses
             for member in tar:
                 path = _member_path(dest, member.name)
                 if member.issym() or member.islnk():

@@ -42,7 +42,6 @@ from tuneserve.config import Settings
 from tuneserve.errors import ConfigError, TuneserveError
 from tuneserve.names import NAME_RULES, is_valid_name
 
-
 RejectReason = Literal[
     "invalid_name",
     "invalid_source",
@@ -261,13 +260,13 @@ def _targets(target_modules: list[str] | str, base: BaseModules) -> set[str]:
             raise AdapterRejected(
                 "invalid_config", f"{ADAPTER_CONFIG}: target_modules is not a valid regex: {exc}"
             ) from None
-        selected = {m for m in modules if pattern.fullmatch(m)}
-        if not selected:
+        by_regex = {m for m in modules if pattern.fullmatch(m)}
+        if not by_regex:
             raise AdapterRejected(
                 "unknown_target_module",
                 f"target_modules regex {quote(target_modules)} matches no module of the base model",
             )
-        return selected
+        return by_regex
     selected: set[str] = set()
     for entry in target_modules:
         matched = {m for m in modules if m == entry or m.endswith("." + entry)}

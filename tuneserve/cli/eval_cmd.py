@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tuneserve.adapters.peft_format import is_adapter_dir
 from tuneserve.errors import ConfigError
 
 
@@ -43,7 +44,7 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
             name, path = Path(spec).name, spec
         if name in adapters or name == "base":
             raise ConfigError(f"--adapter {spec}: the name {name!r} is taken; use NAME=PATH")
-        if not (Path(path) / "adapter_config.json").is_file():
+        if not is_adapter_dir(Path(path)):
             raise ConfigError(f"--adapter {spec}: {path} is not a PEFT adapter dir (no adapter_config.json)")
         adapters[name] = Path(path)
     return adapters
