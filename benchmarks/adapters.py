@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import itertools
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from common import write_result  # before the project imports: it puts the repo root on sys.path
 
-from common import write_result  # noqa: E402  (sets sys.path)
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.servers import MODEL
-from tests.support.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway, vllm_server
 
 MODEL_DIR = DATA_DIR / "models" / MODEL
 ADAPTER_RANK = 8

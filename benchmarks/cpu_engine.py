@@ -10,12 +10,11 @@ import statistics
 import time
 
 import httpx
+from common import alternating_rounds, write_result  # before the project imports: it puts the repo root on sys.path
 
-from common import alternating_rounds, write_result  # noqa: E402  (sets sys.path)
-from tuneserve.models.chat_template import ChatTemplate
-from tests.support.servers import MODEL
-from tests.support.servers import DATA_DIR, gateway
+from tests.support.servers import DATA_DIR, MODEL, gateway
 from tuneserve.gguf.llama_loader import load_llama
+from tuneserve.models.chat_template import ChatTemplate
 
 MESSAGES = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
 

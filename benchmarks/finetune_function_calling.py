@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, write_result
+from common import ROOT, write_result  # before the project imports: it puts the repo root on sys.path
 
 from training.datagen.function_calling import TOOLS, write_dataset
 from training.datagen.general_text import write_general

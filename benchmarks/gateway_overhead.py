@@ -22,10 +22,13 @@ import statistics
 import time
 
 import httpx
+from common import (  # before the project imports: it puts the repo root on sys.path
+    alternating_rounds,
+    summary_ms,
+    write_result,
+)
 
-from common import alternating_rounds, summary_ms, write_result  # noqa: E402  (sets sys.path)
-from tests.support.servers import MODEL
-from tests.support.servers import ServerProcess, gateway, vllm_server
+from tests.support.servers import MODEL, ServerProcess, gateway, vllm_server
 
 BODY = {
     "model": MODEL,

@@ -15,12 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import alternating_rounds, write_result  # noqa: E402  (sets sys.path)
-from tuneserve.models.chat_template import ChatTemplate
-from tests.support.servers import MODEL
-from tests.support.servers import DATA_DIR
+from common import alternating_rounds, write_result  # before the project imports: it puts the repo root on sys.path
+
+from tests.support.servers import DATA_DIR, MODEL
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, llama_runtime, load_llama
 from tuneserve.gguf.quantize import quantize_gguf
+from tuneserve.models.chat_template import ChatTemplate
 
 MESSAGES = [{"role": "user", "content": "Write a long essay about the history of the sea."}]
 
@@ -66,7 +66,7 @@ def main() -> None:
             on, off = (Runner(gguf, mode, prompt, args.threads) for mode in ("on", "off"))
             on(8), off(8)  # warm caches
             rounds, ratio = alternating_rounds(
-                {"on": lambda: on(args.max_tokens), "off": lambda: off(args.max_tokens)},
+                {"on": lambda on=on: on(args.max_tokens), "off": lambda off=off: off(args.max_tokens)},
                 args.rounds,
                 rate=lambda r: r["generation_tokens_per_s"],
             )

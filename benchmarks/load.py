@@ -28,12 +28,11 @@ from typing import Any
 
 import httpx
 import psutil
+from common import summary_ms, write_result  # before the project imports: it puts the repo root on sys.path
 
-from common import summary_ms, write_result  # noqa: E402  (sets sys.path)
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.servers import MODEL
 from tests.support.prometheus import Prometheus, host
-from tests.support.servers import DATA_DIR, ServerProcess, gateway, vllm_server
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway, vllm_server
 
 MODEL_DIR = DATA_DIR / "models" / MODEL
 ADMIN_KEY = "load-benchmark-admin-key-0123456789"

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, write_result  # noqa: E402
+from common import ROOT, machine, write_result  # before the project imports: it puts the repo root on sys.path
 
 BIN = Path(sys.executable).parent
 HF_DIR = Path(os.environ.get("TUNESERVE_DATA_DIR", ROOT / "data")).resolve() / "models" / "smollm2-135m-instruct" / "hf"

@@ -214,8 +214,8 @@ def validate_mergekit_config(raw: dict[str, Any], source: str = "merge config") 
         ]
         if all(isinstance(w, (int, float)) for w in weights) and sum(weights) == 0:  # type: ignore[arg-type]
             raise MergeConfigError(
-                f"models[*].parameters.weight: the weights sum to 0, which a normalized "
-                f"linear merge divides by"
+                "models[*].parameters.weight: the weights sum to 0, which a normalized "
+                "linear merge divides by"
             )
     return config
 

@@ -84,11 +84,10 @@ def validate_spec(spec: ExportSpec) -> SourceKind:
 
 
 def run_export(spec: ExportSpec, ctx: JobContext, extra_buffer_types: ExtraBufferTypes = "auto") -> list[str]:
-    from tuneserve.gguf.lora import convert_lora_to_gguf
-    from tuneserve.gguf.convert import convert_hf_to_gguf
-    from tuneserve.gguf.quantize import quantize_gguf
-
     from merge.mergekit_job import weights_bytes
+    from tuneserve.gguf.convert import convert_hf_to_gguf
+    from tuneserve.gguf.lora import convert_lora_to_gguf
+    from tuneserve.gguf.quantize import quantize_gguf
 
     kind = validate_spec(spec)
     source_bytes = spec.source.stat().st_size if kind == "gguf" else weights_bytes(spec.source)

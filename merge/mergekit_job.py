@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuneserve.jobs.runner import JobContext
 from tuneserve.fsutil import require_free_space, staged_dir
+from tuneserve.jobs.runner import JobContext
 
 DEFAULT_SHARD_SIZE = "1B"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

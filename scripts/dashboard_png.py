@@ -59,9 +59,10 @@ def render(url: str, out: Path, start: float, end: float, rate_window: str = "1m
     import matplotlib
 
     matplotlib.use("Agg")
+    from datetime import datetime
+
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    from datetime import datetime
 
     board = json.loads(DASHBOARD.read_text())
     panels = [p for p in board["panels"] if p["type"] != "row"]

@@ -9,9 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.support.servers import MODEL
 from tests.support.metrics import scrape, value
-from tests.support.servers import DATA_DIR, ServerProcess, gateway
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway
 from tuneserve.gguf.llama_loader import gguf_file_type, llama_runtime
 from tuneserve.models.prepare import GGUF_NAME
 

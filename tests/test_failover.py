@@ -14,9 +14,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support.servers import MODEL
 from tests.support.metrics import scrape, value
-from tests.support.servers import TEST_VLLM_LAUNCH, ServerProcess, free_port, gateway
+from tests.support.servers import MODEL, TEST_VLLM_LAUNCH, ServerProcess, free_port, gateway
 
 pytestmark = pytest.mark.vllm
 

@@ -18,15 +18,14 @@ import numpy as np
 import pytest
 import torch
 from llama_cpp import Llama
-
-from tuneserve.gguf.llama_loader import load_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from tuneserve.models.chat_template import ChatTemplate
 from tests.support.adapters import make_adapter
 from tests.support.servers import DATA_DIR
+from tuneserve.gguf.llama_loader import load_llama
 from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
+from tuneserve.models.chat_template import ChatTemplate
 from tuneserve.models.prepare import F16_GGUF_NAME
 
 MODEL_DIR = DATA_DIR / "models" / "smollm2-135m-instruct"

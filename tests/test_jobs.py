@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.adapters import HF_DIR
+from tests.support.merges import GGUF, adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.support.servers import ROOT
 from tuneserve.jobs.runner import run_job, submit
 from tuneserve.jobs.store import JobError, JobStatus, JobStore
 from tuneserve.store import Store
-from tests.support.merges import adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
-from tests.support.adapters import HF_DIR
-from tests.support.merges import GGUF
-from tests.support.servers import ROOT
 
 MODEL_ARGS = ("--model.hf_path", str(HF_DIR), "--model.gguf_path", str(GGUF))
 

@@ -15,19 +15,18 @@ from pathlib import Path
 import pytest
 
 from merge.export import ExportSpec
-from tuneserve.jobs.store import JobError, JobStatus, JobStore
-from tuneserve.gguf.quality_gate import GateConfig
 from merge.tasks import run_new
-from tests.support.servers import MODEL
-from tests.support.servers import DATA_DIR, ROOT
+from tests.support.servers import DATA_DIR, MODEL, ROOT
 from tuneserve.config import load_settings
 from tuneserve.errors import ModelPreparationError
 from tuneserve.gguf import isolated
 from tuneserve.gguf.agreement import DecodeCheckRequest, isolated_decode_check
 from tuneserve.gguf.llama_loader import decide_extra_buffer_types, gguf_file_type, llama_runtime
+from tuneserve.gguf.quality_gate import GateConfig
+from tuneserve.gguf.quantize import quantize_gguf
+from tuneserve.jobs.store import JobError, JobStatus, JobStore
 from tuneserve.models import prepare
 from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME, MARKER
-from tuneserve.gguf.quantize import quantize_gguf
 from tuneserve.store import Store
 
 MODEL_DIR = DATA_DIR / "models" / MODEL

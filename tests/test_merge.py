@@ -4,7 +4,6 @@ adapter into base, adapter combinations, and up-front config validation."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

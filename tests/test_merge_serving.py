@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from tests.support.adapters import HF_DIR, tar_gz_bytes
-from tests.support.servers import MODEL
 from tests.support.merges import GGUF, adapters, full_models, merge_work  # noqa: F401
-from tests.support.servers import TEST_VLLM_LAUNCH, ServerProcess, free_port, gateway
+from tests.support.servers import MODEL, TEST_VLLM_LAUNCH, ServerProcess, free_port, gateway
 
 pytestmark = pytest.mark.vllm
 

@@ -23,9 +23,8 @@ import pytest
 import yaml
 
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.servers import MODEL
 from tests.support.prometheus import ALERTS, Prometheus, host
-from tests.support.servers import DATA_DIR, ROOT, ServerProcess, free_port, gateway
+from tests.support.servers import DATA_DIR, MODEL, ROOT, ServerProcess, free_port, gateway
 from tests.test_tenant_gateway import cli
 
 pytestmark = pytest.mark.vllm

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import MODEL
-from tests.support.servers import DATA_DIR
+from tests.support.servers import DATA_DIR, MODEL
 from tuneserve.errors import ModelPreparationError
 from tuneserve.gguf.llama_loader import gguf_file_type
 from tuneserve.models import prepare

@@ -6,9 +6,7 @@ import httpx
 
 from serving.resilience import CircuitBreaker
 from tests.clock import ManualClock
-from tests.support.servers import MODEL
-from tests.support.servers import free_port, gateway
-
+from tests.support.servers import MODEL, free_port, gateway
 
 
 def test_breaker_opens_after_threshold_and_half_opens_after_timeout() -> None:

@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.servers import MODEL
 from tests.support.metrics import scrape, value
-from tests.support.servers import DATA_DIR, ServerProcess, gateway
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway
 
 ADMIN_KEY = "admin-key-for-tests-0123456789"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.servers import MODEL
 from tests.support.metrics import scrape, value
-from tests.support.servers import DATA_DIR, ServerProcess, free_port, gateway
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, free_port, gateway
 from tuneserve.models.prepare import F16_GGUF_NAME
 
 pytestmark = pytest.mark.vllm

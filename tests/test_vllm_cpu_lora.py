@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_plugin import cpu_lora as ops
 from tests.support.servers import ServerProcess
+from vllm_plugin import cpu_lora as ops
 
 SLOTS, RANK, HIDDEN, OUT = 4, 8, 48, 40
 

@@ -11,11 +11,10 @@ from openai import OpenAI
 
 from serving.engines.base import GenerationRequest, SamplingParams
 from serving.engines.llamacpp import prompt_tokens
-from tuneserve.models.chat_template import ChatTemplate
-from tests.support.servers import MODEL
 from tests.support.metrics import scrape, value
-from tests.support.servers import DATA_DIR, ServerProcess, gateway
+from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway
 from tuneserve.gguf.llama_loader import load_llama
+from tuneserve.models.chat_template import ChatTemplate
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -435,9 +435,9 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
+    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper import punica_cpu
 
     global _original_add_lora_linear
@@ -448,7 +448,7 @@ def register() -> None:
     wrapper = punica_cpu.PunicaWrapperCPU
     if wrapper.add_lora_linear is not add_lora_linear:
         _original_add_lora_linear = wrapper.add_lora_linear
-        setattr(wrapper, "add_lora_linear", add_lora_linear)
+        wrapper.add_lora_linear = add_lora_linear
     if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
-        setattr(LoRAModelManager, "activate_adapter", _note_slot_writes(LoRAModelManager.activate_adapter))
+        LoRAModelManager.activate_adapter = _note_slot_writes(LoRAModelManager.activate_adapter)
     log.info("tuneserve: grouped CPU LoRA ops in place of vLLM's gather-per-token ones")

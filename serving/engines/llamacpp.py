@@ -30,8 +30,8 @@ from serving.engines.base import (
 )
 from serving.engines.llamacpp_adapters import LlamaAdapterCache
 from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
-from tuneserve.models.chat_template import ChatTemplate, ChatTemplateError
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, llama_runtime, load_llama
+from tuneserve.models.chat_template import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger(__name__)
 

@@ -330,5 +330,5 @@ async def _drain(content: aiohttp.StreamReader) -> None:
     try:
         async for _ in content.iter_any():
             pass
-    except Exception:  # noqa: BLE001 - the answer was whole; release() closes this connection instead
+    except Exception:
         log.debug("vLLM body did not end cleanly after its usage", exc_info=True)

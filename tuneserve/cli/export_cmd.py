@@ -45,8 +45,8 @@ def export_spec(args: argparse.Namespace) -> dict:
     from pydantic import ValidationError
 
     from merge.export import ExportError, ExportSpec, source_kind, validate_spec
-    from tuneserve.gguf.quality_gate import GateConfig
     from tuneserve.config import format_validation_error
+    from tuneserve.gguf.quality_gate import GateConfig
 
     settings = settings_from_args(args)
     gate: dict = {"enabled": not args.no_gate}

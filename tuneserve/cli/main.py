@@ -8,9 +8,19 @@ import sys
 from typing import Sequence
 
 from tuneserve import __version__
-from tuneserve.cli import adapters_cmd, eval_cmd, models_cmd, serve_cmd, tenants_cmd, train_cmd
-from tuneserve.cli import export_cmd, jobs_cmd, merge_cmd
+from tuneserve.cli import (
+    adapters_cmd,
+    eval_cmd,
+    export_cmd,
+    jobs_cmd,
+    merge_cmd,
+    models_cmd,
+    serve_cmd,
+    tenants_cmd,
+    train_cmd,
+)
 from tuneserve.errors import TuneserveError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__)

@@ -17,8 +17,8 @@ from typing import Iterator
 
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
-from tuneserve.store import Store, db_path
 from tuneserve.names import NAME_RULES
+from tuneserve.store import Store, db_path
 from tuneserve.tenants.store import IssuedKey, TenantStore
 
 

@@ -102,8 +102,8 @@ def _write_checked_gguf(hf_dir: Path, stage: Path, extra_buffer_types: ExtraBuff
     llama.cpp #20824) fails the gate, and the f16 is served. The f16 is then decoded once
     in a child too, so a host where llama.cpp cannot run it at all gets an error that
     says so here, not a gateway that dies on its first request."""
-    from tuneserve.gguf.quality_gate import GateConfig, run_gate
     from tuneserve.gguf.convert import convert_hf_to_gguf
+    from tuneserve.gguf.quality_gate import GateConfig, run_gate
 
     f16, served = stage / F16_GGUF_NAME, stage / GGUF_NAME
     convert_hf_to_gguf(hf_dir, f16, "f16")
