@@ -24,6 +24,8 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 
+from tuneserve.config import first_validation_error
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What save_pretrained(safe_serialization=False) writes instead of ADAPTER_WEIGHTS: a
@@ -155,8 +157,7 @@ def parse_lora_config(raw: dict[str, Any]) -> PeftLoraConfig:
     try:
         return PeftLoraConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigInvalid(".".join(str(p) for p in first["loc"]), first["msg"]) from None
+        raise ConfigInvalid(*first_validation_error(exc)) from None
 
 
 # ---------------------------------------------------------------- tensors

@@ -54,6 +54,7 @@ from tuneserve.adapters.peft_format import (
     read_config_json,
     read_weight_shapes,
 )
+from tuneserve.config import first_validation_error
 from tuneserve.errors import TuneserveError
 
 
@@ -254,9 +255,8 @@ def _read_base_config(base_model_dir: Path) -> _BaseConfig:
     try:
         return _BaseConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise AdapterConversionError(f"{path}: key '{where}': {first['msg']}") from None
+        where, message = first_validation_error(exc)
+        raise AdapterConversionError(f"{path}: key '{where}': {message}") from None
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
