@@ -31,8 +31,6 @@ from tuneserve.adapters.peft_format import ADAPTER_CONFIG, is_adapter_dir
 from tuneserve.fsutil import require_free_space, staged_dir
 from tuneserve.jobs.runner import JobContext
 
-COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_ties", "dare_linear")
-
 
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -218,7 +218,3 @@ def validate_mergekit_config(raw: dict[str, Any], source: str = "merge config") 
                 "linear merge divides by"
             )
     return config
-
-
-def lora_references(config: Any) -> list[str]:
-    return [str(ref) for ref in config.referenced_models() if ref.lora is not None]

@@ -448,7 +448,7 @@ def register() -> None:
     wrapper = punica_cpu.PunicaWrapperCPU
     if wrapper.add_lora_linear is not add_lora_linear:
         _original_add_lora_linear = wrapper.add_lora_linear
-        wrapper.add_lora_linear = add_lora_linear
+        wrapper.add_lora_linear = add_lora_linear  # type: ignore[method-assign, assignment]  # replacing it is the plugin's job
     if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
-        LoRAModelManager.activate_adapter = _note_slot_writes(LoRAModelManager.activate_adapter)
+        LoRAModelManager.activate_adapter = _note_slot_writes(LoRAModelManager.activate_adapter)  # type: ignore[method-assign]
     log.info("tuneserve: grouped CPU LoRA ops in place of vLLM's gather-per-token ones")

@@ -2,7 +2,7 @@
 
 vLLM renders chat requests with the HF tokenizer's template; llama.cpp gets the text
 rendered here, with the same Jinja settings transformers uses, so one request gives
-the same prompt tokens on both engines (tests/test_prompt_parity.py checks it).
+the same prompt tokens on both engines (tests/test_vllm_gateway.py checks it).
 """
 
 from __future__ import annotations
