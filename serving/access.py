@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from serving.auth import Authenticator, Principal
 from serving.engines.base import AdapterRef
 from serving.errors import ModelNotFound
 from serving.limits import TenantLimiter
@@ -16,7 +17,6 @@ from tuneserve.adapters.registry import AdapterRecord, AdapterRegistry
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.config import Settings
 from tuneserve.store import Store, db_path
-from serving.auth import Authenticator, Principal
 from tuneserve.tenants.store import TenantStore
 
 ADMIN_LABEL = "admin"

@@ -6,9 +6,23 @@ the router catches it before the first byte and tries the next engine.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from tuneserve.errors import TuneserveError
+
+# Why a request moved to the next engine: a metrics label, so a closed set (README's
+# Metrics table is generated from it by scripts/metrics_table.py).
+FallbackReason = Literal[
+    "not_ready",  # the router skipped an engine that reports itself not ready
+    "connect_error",
+    "timeout",
+    "upstream_5xx",
+    "circuit_open",
+    "unhealthy",  # vLLM's health probe failed
+    "adapter_load_failed",  # vLLM refused the adapter; llama.cpp may still serve it
+    "cancelled",  # an adapter load that concurrent requests waited on was cancelled
+]
+FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 
 
 class ApiError(TuneserveError):
@@ -59,6 +73,12 @@ class ModelNotFound(ApiError):
         )
 
 
+class Forbidden(ApiError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -98,13 +118,9 @@ class EngineFailed(ApiError):
 
 
 class EngineUnavailable(Exception):
-    """The engine could not start this request; safe to retry on another engine.
+    """The engine could not start this request; safe to retry on another engine."""
 
-    `reason` is a bounded label for metrics: connect_error, timeout, upstream_5xx,
-    circuit_open, not_ready.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: FallbackReason, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

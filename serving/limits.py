@@ -48,6 +48,22 @@ class _TenantState:
     limits: TenantLimits = field(default_factory=TenantLimits)
 
 
+class TenantSlot:
+    """An admitted request's place in its tenant's limits, given back exactly once."""
+
+    def __init__(self, limiter: "TenantLimiter", tenant: str) -> None:
+        self._limiter = limiter
+        self.tenant = tenant
+        self._held = True
+
+    def release(self, tokens_used: int) -> None:
+        # The route releases with the usage when the answer is complete, and again on
+        # every way out of the request: only the first counts.
+        if self._held:
+            self._held = False
+            self._limiter.release(self.tenant, tokens_used)
+
+
 class TenantLimiter:
     def __init__(
         self,
@@ -73,6 +89,11 @@ class TenantLimiter:
             )
             self._state[tenant] = state
         return state
+
+    def admit(self, tenant: str) -> TenantSlot:
+        """acquire(), as a slot the request holds until it releases it."""
+        self.acquire(tenant)
+        return TenantSlot(self, tenant)
 
     def acquire(self, tenant: str) -> None:
         """Admit one request or raise RateLimited; pair with release()."""

@@ -1,10 +1,10 @@
-"""Prometheus metrics of the gateway. Names and labels are documented in README.
+"""Prometheus metrics of the gateway, built from serving/metric_catalog.py.
 
 Label values are bounded: `backend` is an engine name, `model` is a served model id
-(anything else is reported as "unknown"), `status` an HTTP status code, `reason` one
-of the fallback reasons of serving.errors.EngineUnavailable, `tenant` and `adapter`
-registered names only (a request for an unknown adapter is labelled before lookup
-with adapter "base" and fails with 404), so their product is bounded by the registry.
+(anything else is reported as "unknown"), `status` an HTTP status code, `reason` a
+serving.errors.FallbackReason, `tenant` and `adapter` registered names only (a request
+for an unknown adapter is labelled before lookup with adapter "base" and fails with
+404), so their product is bounded by the registry.
 """
 
 from __future__ import annotations
@@ -12,22 +12,17 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 
+from serving import metric_catalog as catalog
 from serving.engines.base import Engine
-
-# Buckets fit LLM serving: tiny CPU models answer in tens of ms, big GPU ones in minutes.
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30, 60)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
-LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+from serving.errors import FallbackReason
 
 NO_BACKEND = "none"
 NO_TENANT = "none"
 BASE_ADAPTER = "base"
-REQUEST_LABELS = ["tenant", "adapter"]
 
 
 class GatewayMetrics:
@@ -36,70 +31,16 @@ class GatewayMetrics:
         self._models = set(served_models)
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         r = self.registry
-        self.requests = Counter(
-            "tuneserve_requests",
-            "Finished requests by endpoint, backend, model and HTTP status.",
-            ["endpoint", "backend", "model", "status", *REQUEST_LABELS],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "tuneserve_request_duration_seconds",
-            "End-to-end request latency, from body read to last byte.",
-            ["endpoint", "backend", "model", *REQUEST_LABELS],
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "tuneserve_time_to_first_token_seconds",
-            "Time from request start to the first generated text.",
-            ["backend", "model", *REQUEST_LABELS],
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "tuneserve_inter_token_latency_seconds",
-            "Time between consecutive generated tokens of one request.",
-            ["backend", "model", *REQUEST_LABELS],
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "tuneserve_prompt_tokens",
-            "Prompt tokens processed.",
-            ["backend", "model", *REQUEST_LABELS],
-            registry=r,
-        )
-        self.completion_tokens = Counter(
-            "tuneserve_completion_tokens",
-            "Completion tokens generated (rate() gives tokens/s).",
-            ["backend", "model", *REQUEST_LABELS],
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "tuneserve_requests_in_flight",
-            "Requests being served now, by backend ('none' until routed).",
-            ["backend"],
-            registry=r,
-        )
-        self.adapter_load = Histogram(
-            "tuneserve_adapter_load_seconds",
-            "Time to load an adapter into an engine (cold start of its first request).",
-            ["backend"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self.adapter_evictions = Counter(
-            "tuneserve_adapter_evictions",
-            "Adapters evicted from an engine's cache to make room.",
-            ["backend"],
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            "tuneserve_fallbacks",
-            "Requests moved from one backend to the next, by reason.",
-            ["from_backend", "to_backend", "reason"],
-            registry=r,
-        )
+        self.requests = catalog.REQUESTS.counter(r)
+        self.latency = catalog.REQUEST_DURATION.histogram(r)
+        self.ttft = catalog.TIME_TO_FIRST_TOKEN.histogram(r)
+        self.itl = catalog.INTER_TOKEN_LATENCY.histogram(r)
+        self.prompt_tokens = catalog.PROMPT_TOKENS.counter(r)
+        self.completion_tokens = catalog.COMPLETION_TOKENS.counter(r)
+        self.in_flight = catalog.REQUESTS_IN_FLIGHT.gauge(r)
+        self.adapter_load = catalog.ADAPTER_LOAD.histogram(r)
+        self.adapter_evictions = catalog.ADAPTER_EVICTIONS.counter(r)
+        self.fallbacks = catalog.FALLBACKS.counter(r)
 
     def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """`metric.labels(*values)`, remembered.
@@ -118,6 +59,9 @@ class GatewayMetrics:
 
     def add_model(self, model: str) -> None:
         self._models.add(model)
+
+    def fell_back(self, from_backend: str, to_backend: str, reason: FallbackReason) -> None:
+        self.fallbacks.labels(from_backend, to_backend, reason).inc()
 
     # AdapterObserver
     def adapter_loaded(self, backend: str, seconds: float) -> None:
@@ -139,20 +83,10 @@ class _EngineStateCollector:
         return []
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        up = GaugeMetricFamily(
-            "tuneserve_backend_up", "1 when the backend can take requests, else 0.", labels=["backend"]
-        )
-        depth = GaugeMetricFamily(
-            "tuneserve_queue_depth", "Requests waiting for a backend worker.", labels=["backend"]
-        )
-        # Exported so alerts can say "queue 80% full" without knowing the config.
-        capacity = GaugeMetricFamily(
-            "tuneserve_queue_capacity", "Requests a backend's queue holds before rejecting (0: no queue).",
-            labels=["backend"],
-        )
-        loaded = GaugeMetricFamily(
-            "tuneserve_adapters_loaded", "Adapters loaded in an engine now.", labels=["backend"]
-        )
+        up = catalog.BACKEND_UP.gauge_family()
+        depth = catalog.QUEUE_DEPTH.gauge_family()
+        capacity = catalog.QUEUE_CAPACITY.gauge_family()
+        loaded = catalog.ADAPTERS_LOADED.gauge_family()
         for engine in self._engines():
             up.add_metric([engine.name], 1.0 if engine.is_ready() else 0.0)
             depth.add_metric([engine.name], float(engine.queue_depth()))
@@ -178,8 +112,6 @@ class RequestTimer:
         self._last_token_at: float | None = None
         self.tokens_seen = 0
         self._finished = False
-        # Called once with the request's total tokens when it ends (per-tenant limits).
-        self.on_finish: Callable[[int], None] | None = None
         metrics.child(metrics.in_flight, NO_BACKEND).inc()
 
     def routed(self, backend: str) -> None:
@@ -210,8 +142,6 @@ class RequestTimer:
             return
         if completion_tokens is None:
             completion_tokens = self.tokens_seen
-        if self.on_finish is not None:
-            self.on_finish(prompt_tokens + completion_tokens)
         self._finished = True
         m = self.metrics
         m.child(m.in_flight, self.backend).dec()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 from serving.engines.base import Engine, GenerationEvent, GenerationRequest
-from serving.errors import EngineFailed, EngineUnavailable, NoEngineAvailable
+from serving.errors import EngineFailed, EngineUnavailable, FallbackReason, NoEngineAvailable
 from serving.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,9 @@ class Router:
     def any_ready(self) -> bool:
         return any(engine.is_ready() for engine in self.engines)
 
-    def _fell_back(self, index: int, reason: str) -> None:
+    def _fell_back(self, index: int, reason: FallbackReason) -> None:
         if index + 1 < len(self.engines):
-            self.metrics.fallbacks.labels(
-                self.engines[index].name, self.engines[index + 1].name, reason
-            ).inc()
+            self.metrics.fell_back(self.engines[index].name, self.engines[index + 1].name, reason)
 
     async def open(self, request: GenerationRequest) -> RoutedStream:
         """Start the request on an engine and return it with its first event."""

@@ -1,4 +1,4 @@
-"""README stays true: every config key and every metric name is documented."""
+"""README stays true: every config key, every metric and its closed label sets are documented."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import re
 
 from prometheus_client import generate_latest
 
+from scripts import config_table, metrics_table
+from serving.errors import FALLBACK_REASONS
+from serving.metric_catalog import CATALOG
 from serving.metrics import GatewayMetrics
-from scripts import config_table
 from tests.support.servers import ROOT
 from tuneserve.config import env_name, iter_fields
 
@@ -22,10 +24,23 @@ def test_config_table_is_current() -> None:
         assert env_name(key) in README, key
 
 
-def test_every_metric_is_in_readme() -> None:
+def _exported_names() -> list[str]:
     metrics = GatewayMetrics(["m"])
     metrics.watch_engines(lambda: [])
-    names = re.findall(r"^# TYPE (\S+) ", generate_latest(metrics.registry).decode(), re.M)
+    return re.findall(r"^# TYPE (\S+) ", generate_latest(metrics.registry).decode(), re.M)
+
+
+def test_every_metric_is_in_readme() -> None:
+    names = _exported_names()
     assert len(names) >= 10
     for name in names:
         assert f"`{name}`" in README, name
+
+
+def test_metrics_table_is_current() -> None:
+    """Regenerate with: .venv/bin/python scripts/metrics_table.py"""
+    assert metrics_table.render(README) == README
+    # The catalog the table comes from is what /metrics exports, no more and no less.
+    assert sorted(spec.exposed_name for spec in CATALOG) == sorted(_exported_names())
+    fallbacks = next(line for line in README.splitlines() if "`tuneserve_fallbacks_total`" in line)
+    assert all(reason in fallbacks for reason in FALLBACK_REASONS)

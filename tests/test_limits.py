@@ -9,7 +9,6 @@ from tests.clock import ManualClock
 from tuneserve.config import TenantLimits
 
 
-
 def test_requests_per_minute_bucket() -> None:
     clock = ManualClock(1000.0)
     limiter = TenantLimiter(TenantLimits(requests_per_minute=3), {}, clock)
@@ -56,3 +55,15 @@ def test_unlimited_by_default() -> None:
     limiter = TenantLimiter(TenantLimits(), {})
     for _ in range(1000):
         limiter.acquire("a")
+
+
+def test_a_slot_is_released_once() -> None:
+    clock = ManualClock(1000.0)
+    limiter = TenantLimiter(TenantLimits(concurrent_requests=2, tokens_per_minute=100), {}, clock)
+    first, _ = limiter.admit("a"), limiter.admit("a")
+    first.release(150)  # the answer, with its usage...
+    first.release(7)  # ...then the request's way out: neither frees nor charges again
+    clock.now += 31  # refills 51.7 tokens: out of the debt of 150, not of 157
+    limiter.admit("a")
+    with pytest.raises(RateLimited, match="in flight"):
+        limiter.admit("a")

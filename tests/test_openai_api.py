@@ -8,8 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.support.servers import MODEL
-from tests.support.servers import ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 # Not "the capital of France": its first token is a near-tie that the Q8_0 GGUF breaks
 # the other way on some CPUs ("L'Étoile..."), though it passes the quality gate.
@@ -168,7 +167,40 @@ def test_openapi_documents_the_generation_routes(llama_gateway: ServerProcess) -
         assert ref == f"#/components/schemas/{model}"
         assert field in components[model]["properties"] and field in components[model]["required"]
         assert {"200", "400", "404", "429", "503"} <= set(operation["responses"])
-    assert "/v1/models" in schema["paths"]
     for ref in _refs(schema):  # every reference resolves
         assert ref.removeprefix("#/components/schemas/") in components, ref
     assert httpx.get(llama_gateway.base_url + "/docs").status_code == 200
+
+
+def test_openapi_documents_models_and_status_routes(llama_gateway: ServerProcess) -> None:
+    """/v1/models, /health, /ready and /metrics carry their response models, and what
+    they answer fits them."""
+    base = llama_gateway.base_url
+    schema = httpx.get(base + "/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def response_model(path: str, status: str = "200") -> dict:
+        content = schema["paths"][path]["get"]["responses"][status]["content"]["application/json"]
+        return components[content["schema"]["$ref"].removeprefix("#/components/schemas/")]
+
+    models = response_model("/v1/models")
+    assert models["required"] == ["object", "data"]
+    card = components[models["properties"]["data"]["items"]["$ref"].removeprefix("#/components/schemas/")]
+    listed = httpx.get(base + "/v1/models").json()
+    assert list(listed["data"][0]) == card["required"]  # every field, in the documented order
+    assert listed["data"][0]["parent"] is None and listed["data"][0]["owned_by"] == "tuneserve"
+    assert "401" in schema["paths"]["/v1/models"]["get"]["responses"]
+
+    assert response_model("/health")["properties"]["status"]["const"] == "ok"
+    ready = response_model("/ready")
+    assert ready["required"] == ["status", "engines"]
+    body = httpx.get(base + "/ready").json()
+    assert set(body) == {"status", "engines"} and body["status"] == "ready"
+    state_ref = ready["properties"]["engines"]["additionalProperties"]["$ref"]
+    state = components[state_ref.removeprefix("#/components/schemas/")]
+    assert set(body["engines"]["llamacpp"]) == set(state["required"])
+    assert set(response_model("/ready", "503")["required"]) == {"error", "engines"}
+
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    content_type = httpx.get(base + "/metrics").headers["content-type"]
+    assert list(metrics) == [content_type] and metrics[content_type]["schema"] == {"type": "string"}

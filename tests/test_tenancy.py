@@ -22,11 +22,6 @@ from typing import Iterator
 import pytest
 from pydantic import ValidationError
 
-from serving.errors import Unauthorized
-from tuneserve.audit import AuditLog, audit_path
-from tuneserve.config import AuthConfig, load_settings
-from tuneserve.errors import ConfigError, TuneserveError
-from tuneserve.store import MIGRATIONS, Store, StoreError, db_path
 from serving.auth import (
     ADMIN_PRINCIPAL,
     DEV_PRINCIPAL,
@@ -34,6 +29,11 @@ from serving.auth import (
     Principal,
     log_dev_mode_warning,
 )
+from serving.errors import Unauthorized
+from tuneserve.audit import AuditLog, audit_path
+from tuneserve.config import AuthConfig, load_settings
+from tuneserve.errors import ConfigError, TuneserveError
+from tuneserve.store import MIGRATIONS, Store, StoreError, db_path
 from tuneserve.tenants.store import (
     InvalidTenantName,
     TenantExists,

@@ -3,7 +3,8 @@
 Uploads are multipart (`name`, `file` = .tar.gz or .zip of a PEFT adapter dir); an
 admin may name the `tenant` and give a server-side `path` instead of a file. The
 registry validates everything before it stores anything; a rejection is a 4xx that
-says what to fix. Deleting (or replacing) an adapter also unloads it from the engines.
+says what to fix (error_map.py says which). Deleting (or replacing) an adapter also
+unloads it from the engines.
 """
 
 from __future__ import annotations
@@ -17,22 +18,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from serving.engines.base import Engine
-from serving.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge
 from serving.access import Tenancy, actor
-from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord
-from tuneserve.adapters.validation import AdapterRejected
+from serving.api.error_map import api_error
 from serving.auth import Principal
+from serving.engines.base import Engine
+from serving.errors import Forbidden, InvalidRequest, PayloadTooLarge
+from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord
 from tuneserve.tenants.store import TenantNotFound
 
 # Room for the multipart envelope and the form fields around the archive.
 _MULTIPART_OVERHEAD = 64 * 1024
-
-
-class AdapterForbidden(ApiError):
-    status_code = 403
-    error_type = "invalid_request_error"
-    code = "forbidden"
 
 
 def adapter_json(record: AdapterRecord, base: str) -> dict[str, Any]:
@@ -51,24 +46,17 @@ def adapter_json(record: AdapterRecord, base: str) -> dict[str, Any]:
     }
 
 
-def _rejected(exc: AdapterRejected) -> ApiError:
-    if exc.reason == "too_large":
-        return PayloadTooLarge(str(exc), param="file", code=exc.reason)
-    param = "name" if exc.reason == "invalid_name" else "file"
-    return InvalidRequest(str(exc), param=param, code=exc.reason)
-
-
 def _target_tenant(tenancy: Tenancy, principal: Principal, requested: str | None) -> str:
     tenant = requested or principal.tenant
     if tenant is None:
         raise InvalidRequest("An admin must name the adapter's 'tenant'.", param="tenant")
     if tenant != principal.tenant and not principal.is_admin:
-        raise AdapterForbidden("Only an admin can manage another tenant's adapters.", param="tenant")
+        raise Forbidden("Only an admin can manage another tenant's adapters.", param="tenant")
     if tenancy.settings.auth.enabled:
         try:
             tenancy.tenants.get(tenant)
-        except TenantNotFound:
-            raise NotFound(f"Tenant '{tenant}' does not exist.", param="tenant") from None
+        except TenantNotFound as exc:
+            raise api_error(exc, tenant) from None
     return tenant
 
 
@@ -100,7 +88,7 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
             upload, server_path = form.get("file"), form.get("path")
             if isinstance(server_path, str) and server_path:
                 if not principal.is_admin:
-                    raise AdapterForbidden("Only an admin may register an adapter from a server path.", param="path")
+                    raise Forbidden("Only an admin may register an adapter from a server path.", param="path")
                 record = await _add(tenancy, principal, tenant, name, Path(server_path), unload_everywhere)
             elif isinstance(upload, UploadFile):
                 uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +115,8 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
         with tenancy.audit.recording(actor(principal), "adapter.delete", f"{record.tenant}/{record.name}"):
             try:
                 removed = await asyncio.to_thread(tenancy.registry.remove, record.tenant, record.name)
-            except AdapterNotFound:
-                raise NotFound(f"Adapter '{model}' does not exist.", param="model") from None
+            except AdapterNotFound as exc:  # removed meanwhile
+                raise api_error(exc, model) from None
         await unload_everywhere(removed.engine_name)
         return {"id": removed.name, "object": "adapter", "tenant": removed.tenant, "deleted": True}
 
@@ -146,11 +134,9 @@ def _copy_capped(upload: UploadFile, out: Any, limit: int) -> None:
 
 async def _add(tenancy: Tenancy, principal: Principal, tenant: str, name: str, source: Path, unload: Any) -> AdapterRecord:
     previous = await asyncio.to_thread(tenancy.registry.get, tenant, name)
-    try:
-        with tenancy.audit.recording(actor(principal), "adapter.add", f"{tenant}/{name}"):
-            record = await asyncio.to_thread(tenancy.registry.add, tenant, name, source)
-    except AdapterRejected as exc:
-        raise _rejected(exc) from None
+    # A rejection (AdapterRejected) reaches the client through the edge's error table.
+    with tenancy.audit.recording(actor(principal), "adapter.add", f"{tenant}/{name}"):
+        record = await asyncio.to_thread(tenancy.registry.add, tenant, name, source)
     if previous is not None:
         # The old version can never be addressed again; free it on the engines.
         await unload(previous.engine_name)

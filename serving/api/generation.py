@@ -12,19 +12,21 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from typing import Literal
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from serving.access import ADMIN_LABEL, Tenancy, to_ref
 from serving.api.parsing import parse_body, read_body
 from serving.api.responses import SSE_DONE, ResponseFormatter, sse
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
-from serving.engines.base import AdapterRef, GenerationRequest, TextDelta, Usage
+from serving.engines.base import AdapterRef, GenerationRequest, TextDelta
 from serving.errors import ApiError, EngineFailed, RequestTimeout
+from serving.limits import TenantSlot
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
-from serving.access import ADMIN_LABEL, Tenancy, to_ref
+from tuneserve.adapters.registry import AdapterRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,25 @@ class GenerationService:
         timer.model = self.served_model
         if record is not None:
             timer.tenant, timer.adapter = record.tenant, record.name
-        tenant = timer.tenant
-        self.tenancy.limiter.acquire(tenant)
-        timer.on_finish = lambda tokens: self.tenancy.limiter.release(tenant, tokens)
+        slot = self.tenancy.limiter.admit(timer.tenant)
+        try:
+            await self._generate(body, record, route, timer, slot, send, watch)
+        finally:
+            # Answers release the slot as their last byte leaves (a client may send its next
+            # request at once), charging their usage; a request that ended any other way
+            # (refused, timed out, hung up) is charged what it streamed.
+            slot.release(timer.tokens_seen)
+
+    async def _generate(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        record: AdapterRecord | None,
+        route: GenerationRoute,
+        timer: RequestTimer,
+        slot: TenantSlot,
+        send: Send,
+        watch: HangUpWatch,
+    ) -> None:
         request = to_generation_request(body, to_ref(record) if record else None)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
@@ -146,9 +164,9 @@ class GenerationService:
         formatter = ResponseFormatter(route.kind, request.request_id, body.model)
         headers = [(b"x-request-id", request.request_id.encode()), (b"x-tuneserve-backend", routed.backend.encode())]
         if body.stream:
-            await self._stream(routed, formatter, timer, body.include_usage, deadline, send, headers, watch)
+            await self._stream(routed, formatter, timer, slot, body.include_usage, deadline, send, headers, watch)
         else:
-            await self._respond_whole(routed, formatter, timer, deadline, send, headers, watch)
+            await self._respond_whole(routed, formatter, timer, slot, deadline, send, headers, watch)
 
     def _timeout(self) -> RequestTimeout:
         return RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
@@ -158,6 +176,7 @@ class GenerationService:
         routed: RoutedStream,
         formatter: ResponseFormatter,
         timer: RequestTimer,
+        slot: TenantSlot,
         deadline: float,
         send: Send,
         headers: list[tuple[bytes, bytes]],
@@ -181,6 +200,7 @@ class GenerationService:
         if usage is None:
             raise EngineFailed(f"{routed.backend} ended without usage")
         payload = formatter.whole("".join(parts), finish, usage)
+        slot.release(usage.total_tokens)
         timer.finish(200, usage.prompt_tokens, usage.completion_tokens)
         watch.disarm()
         await _send_json(send, payload, headers)
@@ -190,6 +210,7 @@ class GenerationService:
         routed: RoutedStream,
         formatter: ResponseFormatter,
         timer: RequestTimer,
+        slot: TenantSlot,
         include_usage: bool,
         deadline: float,
         send: Send,
@@ -219,6 +240,7 @@ class GenerationService:
                         tail = formatter.chunk("", finish_reason=finish)
                         if include_usage:
                             tail += formatter.usage_chunk(event)
+                        slot.release(event.total_tokens)
                         timer.finish(200, event.prompt_tokens, event.completion_tokens)
                         await self._end_stream(send, tail, watch)
             if not ended:
@@ -230,6 +252,7 @@ class GenerationService:
             # Headers are gone already: the error travels as an SSE event, as OpenAI does.
             error = self._timeout() if isinstance(exc, TimeoutError) else exc
             log.warning("stream %s failed after first byte: %s", formatter.request_id, error)
+            slot.release(timer.tokens_seen)
             timer.finish(error.status_code)
             await self._end_stream(send, sse(error.body()), watch)
         finally:

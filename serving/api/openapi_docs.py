@@ -10,37 +10,21 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
+from serving.api.error_map import GENERATION_ERRORS, error_statuses
+from serving.api.error_schema import OpenAIError
 from serving.api.generation import GENERATION_ROUTES, GenerationRoute
 
-_ERROR = {"$ref": "#/components/schemas/OpenAIError"}
-_ERROR_SCHEMA = {
-    "title": "OpenAIError",
-    "type": "object",
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            },
-            "required": ["message", "type", "param", "code"],
-        }
-    },
-    "required": ["error"],
-}
-_ERROR_STATUSES = {
-    "400": "Bad parameters, malformed JSON or empty messages",
-    "401": "Missing or unknown API key",
-    "404": "Unknown model (`model_not_found`)",
-    "413": "Body over the size limit",
-    "429": "A queue or the tenant's rate limit is full (see Retry-After)",
-    "502": "The engine broke after accepting the request",
-    "503": "No engine can serve the request",
-    "504": "Generation did not finish within the request timeout",
-}
+_COMPONENTS = "#/components/schemas/{model}"
+_ERROR = {"$ref": _COMPONENTS.format(model=OpenAIError.__name__)}
+_ERROR_STATUSES = error_statuses(GENERATION_ERRORS)
+
+
+def _schemas(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema and those it refers to, by component name."""
+    schema = model.model_json_schema(ref_template=_COMPONENTS)
+    return {**schema.pop("$defs", {}), model.__name__: schema}
 
 
 def _operation(route: GenerationRoute) -> dict[str, Any]:
@@ -51,7 +35,7 @@ def _operation(route: GenerationRoute) -> dict[str, Any]:
             "operationId": "create" + route.body.__name__.removesuffix("Request"),
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}},
+                "content": {"application/json": {"schema": {"$ref": _COMPONENTS.format(model=route.body.__name__)}}},
             },
             "responses": {
                 "200": {
@@ -69,12 +53,10 @@ def document_generation_routes(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["OpenAIError"] = _ERROR_SCHEMA
+            components.update(_schemas(OpenAIError))
             generation = {}
             for route in GENERATION_ROUTES:
-                body = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[route.body.__name__] = body
+                components.update(_schemas(route.body))
                 generation[route.path] = _operation(route)
             schema["paths"] = {**generation, **schema["paths"]}  # the main routes first in /docs
             app.openapi_schema = schema

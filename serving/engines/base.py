@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Protocol, Union
+from typing import Any, AsyncGenerator, Literal, Protocol, Union
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Engine(abc.ABC):
         """Drop an adapter (deleted or replaced) from the engine's caches."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yield TextDelta events, then exactly one Usage.
 
         The Usage ends the answer: a consumer sends it on before asking for more, and

@@ -16,7 +16,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from serving.engines.base import (
     AdapterObserver,
@@ -349,7 +349,7 @@ class LlamaCppEngine(Engine):
         # and versioned names mean no request can reach it again.
         self._forgotten.add(engine_name)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if not self._workers:
             raise EngineFailed("the llama.cpp engine is not running")
         # _in_engine counts queued and running jobs; each worker runs one at a time.

@@ -189,7 +189,7 @@ class VLLMEngine(Engine):
         self._up = False
         self._detail = detail
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if not self._up:
             raise EngineUnavailable("unhealthy", self._detail)
         if not self.breaker.allow_request():
