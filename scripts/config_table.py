@@ -13,9 +13,8 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import readme_section  # noqa: E402
 from tuneserve.config import env_name, iter_fields  # noqa: E402
-
-START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 
 
 def table() -> str:
@@ -35,11 +34,8 @@ def table() -> str:
 
 
 def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
+    return readme_section.render(readme, "config-table", table())
 
 
 if __name__ == "__main__":
-    path = ROOT / "README.md"
-    path.write_text(render(path.read_text()))
+    readme_section.update("config-table", table())

@@ -11,9 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import readme_section  # noqa: E402
 from serving.metric_catalog import CATALOG, MetricSpec  # noqa: E402
-
-START, END = "<!-- metrics-table:start -->", "<!-- metrics-table:end -->"
 
 
 def _meaning(spec: MetricSpec) -> str:
@@ -29,11 +28,8 @@ def table() -> str:
 
 
 def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
+    return readme_section.render(readme, "metrics-table", table())
 
 
 if __name__ == "__main__":
-    path = ROOT / "README.md"
-    path.write_text(render(path.read_text()))
+    readme_section.update("metrics-table", table())

@@ -57,9 +57,6 @@ class GatewayMetrics:
     def model_label(self, model: str | None) -> str:
         return model if model in self._models else "unknown"
 
-    def add_model(self, model: str) -> None:
-        self._models.add(model)
-
     def fell_back(self, from_backend: str, to_backend: str, reason: FallbackReason) -> None:
         self.fallbacks.labels(from_backend, to_backend, reason).inc()
 
