@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from datetime import datetime, timezone
 from functools import cached_property
@@ -43,7 +42,7 @@ from tuneserve.adapters.validation import (
 )
 from tuneserve.config import Settings
 from tuneserve.errors import TuneserveError
-from tuneserve.fsutil import owned_temp_dir, staged_dir
+from tuneserve.fsutil import owned_temp_dir, staged_dir, write_atomic
 from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
 from tuneserve.names import is_valid_name
 
@@ -168,7 +167,7 @@ class AdapterRegistry:
                 with staged_dir(final) as staged:
                     for file in built.iterdir():
                         os.replace(file, staged / file.name)
-                _write_atomic(final.parent / CURRENT_FILE, f"v{version}\n")
+                write_atomic(final.parent / CURRENT_FILE, f"v{version}\n", durable=True)
             return self._record(final, manifest)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -187,7 +186,7 @@ class AdapterRegistry:
             last = max([record.version, *_versions_in(name_dir)])
             removed = self._removed(tenant)
             removed[name] = max(last, removed.get(name, 0))
-            _write_atomic(name_dir.parent / REMOVED_FILE, json.dumps(removed, indent=2) + "\n")
+            write_atomic(name_dir.parent / REMOVED_FILE, json.dumps(removed, indent=2) + "\n", durable=True)
             # One rename takes the whole adapter away; readers never see half a dir.
             trash = self.root / ".trash"
             trash.mkdir(exist_ok=True)
@@ -271,18 +270,3 @@ def _names_in(directory: Path) -> list[str]:
         return []
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and is_valid_name(p.name))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename: a reader sees the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
