@@ -24,19 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tuneserve.errors import TuneserveError
+from tuneserve.tool_calls.render import call_text, with_tools
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 _MAX_REPORTED = 50
-
-# The instruction that precedes the tool list when the chat template cannot render
-# `tools` itself (SmolLM2's cannot). Training and `tuneserve eval` use the same
-# words, and a client of the gateway sends the same system prompt (see README).
-TOOLS_INSTRUCTION = (
-    "You can call these tools. To call one, answer with only a JSON object "
-    '{"name": <tool name>, "arguments": {<argument>: <value>}}.'
-)
-
 
 class DataError(TuneserveError):
     """Training data failed validation; the message lists each problem as file:line."""
@@ -149,7 +141,7 @@ def _tool_call_content(calls: Any, field_name: str) -> str:
             except json.JSONDecodeError:
                 raise _Problem(f"{field_name}[{i}].function.arguments", "is not valid JSON") from None
         rendered.append({"name": fn["name"], "arguments": arguments})
-    return json.dumps(rendered[0] if len(rendered) == 1 else rendered, ensure_ascii=False)
+    return call_text(rendered)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -287,32 +279,6 @@ def split_eval(items: Sequence[Any], ratio: float, seed: int) -> tuple[list[Any]
 
 
 # ---------------------------------------------------------------- rendering
-
-
-def tools_prompt(tools: Sequence[dict[str, Any]]) -> str:
-    """A compact, typed signature per tool: short prompts matter for small models."""
-    lines = [TOOLS_INSTRUCTION, "Tools:"]
-    for tool in tools:
-        params = tool.get("parameters") or {}
-        required = set(params.get("required", []))
-        args = []
-        for name, schema in (params.get("properties") or {}).items():
-            schema = schema if isinstance(schema, dict) else {}
-            kind = "|".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"]) if "enum" in schema else schema.get("type", "any")
-            args.append(f"{name}{'' if name in required else '?'}: {kind}")
-        description = f": {tool['description']}" if tool.get("description") else ""
-        lines.append(f"- {tool['name']}({', '.join(args)}){description}")
-    return "\n".join(lines)
-
-
-def with_tools(messages: list[dict[str, str]], tools: Sequence[dict[str, Any]] | None) -> list[dict[str, str]]:
-    """Put the tool list into the system message (SmolLM2's template ignores `tools`)."""
-    if not tools:
-        return messages
-    text = tools_prompt(tools)
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

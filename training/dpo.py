@@ -18,6 +18,7 @@ from training.arguments import training_arguments
 from training.config import TrainConfig
 from training.method import BuiltTrainer
 from training.model import build_model
+from tuneserve.tool_calls.render import with_tools
 
 
 class DpoDataSummary(BaseModel):
@@ -31,7 +32,7 @@ class DpoDataSummary(BaseModel):
 def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tuple[list[dict[str, Any]], int, list[str]]:
     rows, truncated, problems = [], 0, []
     for ex in examples:
-        prompt = D.with_tools(ex.prompt, ex.tools)
+        prompt = with_tools(ex.prompt, ex.tools)
         prompt_len = len(tokenizer(D.render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
         if prompt_len >= max_length:
             problems.append(f"{ex.where}: prompt: no trainable tokens within data.max_length={max_length} (the prompt alone has {prompt_len})")
