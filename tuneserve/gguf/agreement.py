@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
-    import numpy as np
-
 from tuneserve.gguf.isolated import run_isolated
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, load_llama
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class TeacherForcedRequest(BaseModel):

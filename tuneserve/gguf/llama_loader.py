@@ -77,12 +77,19 @@ def decide_extra_buffer_types(
         return True, "engines.llamacpp.extra_buffer_types: on"
     if mode == "off":
         return False, "engines.llamacpp.extra_buffer_types: off"
-    amx_cpu = any(flag in flags for flag in AMX_CPU_FLAGS)
-    amx_build = "AMX_INT8 = 1" in system_info
+    amx_cpu, amx_build = _amx_cpu(flags), _amx_build(system_info)
     if amx_cpu or amx_build:
         where = "the CPU reports AMX" if amx_cpu else "llama.cpp was built with AMX"
         return False, f"auto: off, {where} (llama.cpp's AMX matmul segfaults on Q8_0, llama.cpp #20824)"
     return True, "auto: on, no AMX on this host"
+
+
+def _amx_cpu(flags: frozenset[str]) -> bool:
+    return any(flag in flags for flag in AMX_CPU_FLAGS)
+
+
+def _amx_build(system_info: str) -> bool:
+    return "AMX_INT8 = 1" in system_info
 
 
 def llama_runtime(mode: ExtraBufferTypes = "auto") -> LlamaRuntime:
@@ -90,8 +97,8 @@ def llama_runtime(mode: ExtraBufferTypes = "auto") -> LlamaRuntime:
     enabled, why = decide_extra_buffer_types(mode, flags, info)
     return LlamaRuntime(
         system_info=info,
-        amx_cpu=any(flag in flags for flag in AMX_CPU_FLAGS),
-        amx_build="AMX_INT8 = 1" in info,
+        amx_cpu=_amx_cpu(flags),
+        amx_build=_amx_build(info),
         extra_buffer_types=enabled,
         mode=mode,
         why=why,
@@ -141,8 +148,7 @@ def load_llama(model_path: Path | str, *, extra_buffer_types: ExtraBufferTypes =
     kwargs.setdefault("verbose", False)
     if kwargs.get("vocab_only"):  # no weights, no buffers: nothing to choose
         return Llama(model_path=str(model_path), **kwargs)
-    enabled, _ = decide_extra_buffer_types(extra_buffer_types, cpu_flags(), llama_system_info())
-    with _extra_buffer_types(enabled):
+    with _extra_buffer_types(llama_runtime(extra_buffer_types).extra_buffer_types):
         return Llama(model_path=str(model_path), **kwargs)
 
 
