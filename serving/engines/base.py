@@ -22,6 +22,15 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Choices to generate; each engine's events carry their choice's index.
+    n: int = 1
+    # Log probabilities: None = off, k >= 0 = the sampled token's and the k most likely.
+    logprobs: int | None = None
+    # (token id, bias) added to the logits, OpenAI's logit_bias (-100 bans, 100 forces).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # A grammar in xgrammar's EBNF (tuneserve/tool_calls/grammar.py) the output must
+    # match: every engine constrains decoding with the same text.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class GenerationRequest:
     kind: Literal["chat", "completion"]
     params: SamplingParams
     messages: tuple[dict[str, Any], ...] = ()
+    # For chat templates that render tools themselves (tool_calls/formats.py).
+    tools: tuple[dict[str, Any], ...] = ()
     prompt: str = ""
     adapter: AdapterRef | None = None
     # Whether the client streams. An engine may serve a non-streamed request whole,
@@ -69,10 +80,31 @@ class NullAdapterObserver:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability and its most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
-    # Set on the last delta: "stop" or "length".
+    # Set on the last delta of a choice: "stop" or "length".
     finish_reason: str | None = None
+    # The choice (0..n-1) this text belongs to.
+    choice: int = 0
+    # One entry per token of `text`, when the request asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] = ()
     # Tokens this delta stands for (an engine may merge tokens into one delta).
     tokens: int = 1
     # False when the engine delivered a whole answer at once: its arrival time says
@@ -134,7 +166,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Yield TextDelta events, then exactly one Usage.
+        """Yield TextDelta events, then exactly one Usage (all choices together).
 
         The Usage ends the answer: a consumer sends it on before asking for more, and
         the engine may still tidy up (drain a connection) until the iterator ends.

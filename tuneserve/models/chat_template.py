@@ -94,11 +94,19 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        # `tools` only for templates that render them (tool_calls/formats.py); like
+        # transformers, an absent list is None, not [], so `{% if tools %}` stays false.
         try:
             return self._compiled.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
+                tools=list(tools) if tools else None,
                 **self.special_tokens,
             )
         except jinja2.TemplateError as exc:
