@@ -21,11 +21,13 @@ from tests.support.servers import DATA_DIR, ROOT
 from training.config import TrainConfig
 from training.data import DataError
 from training.datagen.function_calling import TOOLS, generate, split_templates, write_jsonl
-from training.evaluate import CallCase, load_call_cases, score_calls
+from training.evaluate import CallCase, load_call_cases, parse_answers, score_calls
 from training.report import TrainingReport
 from training.run import METHODS
 from training.sft import mix_replay
 from tuneserve.cli.main import main
+from tuneserve.tool_calls.formats import COMPACT
+from tuneserve.tool_calls.spec import ToolSpec
 
 FAST = [
     "--data.max_length", "96", "--optim.batch_size", "2", "--optim.warmup_ratio", "0",
@@ -108,7 +110,8 @@ def test_function_calling_generator_splits_by_template(tmp_path: Path) -> None:
     assert not {r["meta"]["template"] for r in train_rows} & {r["meta"]["template"] for r in test_rows}
     write_jsonl(tmp_path / "test.jsonl", test_rows)
     cases = load_call_cases(tmp_path / "test.jsonl")
-    assert len(cases) == 30 and all(c.name in {t["function"]["name"] for t in tc} for c, tc in zip(cases, (r["tools"] for r in test_rows)))
+    assert len(cases) == 30
+    assert all(c.name is None or c.name in {t["function"]["name"] for t in tc} for c, tc in zip(cases, (r["tools"] for r in test_rows)))
 
 
 def test_replay_makes_up_the_ratio_and_warns_when_its_pool_would_repeat(caplog: pytest.LogCaptureFixture) -> None:
@@ -128,22 +131,24 @@ def test_every_configurable_method_has_a_builder() -> None:
 
 
 def test_call_scoring() -> None:
+    tools = [ToolSpec(t.name, t.description, t.spec()["function"]["parameters"]) for t in TOOLS]
     cases = [
-        CallCase("a:1", [], None, "get_weather", {"city": "Seoul"}),
-        CallCase("a:2", [], None, "set_alarm", {"time": "07:30", "label": "gym"}),
-        CallCase("a:3", [], None, "get_stock_price", {"symbol": "AAPL"}),
+        CallCase("a:1", [], tools, "get_weather", {"city": "Seoul"}),
+        CallCase("a:2", [], tools, "set_alarm", {"time": "07:30", "label": "gym"}),
+        CallCase("a:3", [], tools, "get_stock_price", {"symbol": "AAPL"}),
     ]
     answers = [
         '{"name": "get_weather", "arguments": {"city": "Seoul"}}',
         '{"name": "set_alarm", "arguments": {"time": "07:30", "label": "run"}}',
         "The price of AAPL is high.",
     ]
-    scores = score_calls(cases, answers)
+    scores = score_calls(cases, parse_answers(COMPACT, cases, answers))
     assert scores["json_validity"] == pytest.approx(2 / 3)
     assert scores["tool_name_accuracy"] == pytest.approx(2 / 3)
     assert scores["argument_accuracy"] == pytest.approx(2 / 4)
     assert scores["exact_call_accuracy"] == pytest.approx(1 / 3)
-    assert "by_language" not in scores  # nothing to group by
+    assert scores["no_call_accuracy"] is None  # no case wants text
+    assert "by_language" not in scores and "by_kind" not in scores  # nothing to group by
 
 
 def test_call_scoring_by_language(tmp_path: Path) -> None:
@@ -152,19 +157,21 @@ def test_call_scoring_by_language(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "bad.jsonl", examples[:1])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: meta\.lang"):
         load_call_cases(tmp_path / "bad.jsonl")
-    write_jsonl(tmp_path / "fc.jsonl", generate("test", 12))
+    write_jsonl(tmp_path / "fc.jsonl", generate("test", 12, multi_step=0, no_fit=0))
     cases = load_call_cases(tmp_path / "fc.jsonl")
     langs = {case.lang for case in cases}
     assert langs == {"en", "ko"}
-    # Right on every English request, wrong on every Korean one.
+    # Right on every English request, wrong on every Korean one (a tool nobody offered:
+    # text, as the gateway would send it back).
     answers = [json.dumps({"name": c.name if c.lang == "en" else "nope", "arguments": c.arguments}) for c in cases]
-    scores = score_calls(cases, answers)
+    scores = score_calls(cases, parse_answers(COMPACT, cases, answers))
     english = sum(c.lang == "en" for c in cases)
     assert scores["tool_name_accuracy"] == pytest.approx(english / len(cases))
     by_language = scores["by_language"]
     assert by_language["en"]["tool_name_accuracy"] == 1 and by_language["ko"]["tool_name_accuracy"] == 0
     assert by_language["en"]["examples"] + by_language["ko"]["examples"] == len(cases)
-    assert all(s["json_validity"] == 1 and "by_language" not in s for s in by_language.values())
+    assert by_language["en"]["json_validity"] == 1 and by_language["ko"]["json_validity"] == 0
+    assert all("by_language" not in s for s in by_language.values())
 
 
 # ---------------------------------------------------------------- training runs

@@ -2,9 +2,13 @@
 
 Accepted lines (the format is told apart per line):
 
-- chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-  "tools": [...]}`` (``tools`` optional; an assistant turn may carry OpenAI
-  ``tool_calls`` instead of content);
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+  "tools": [...], "meta": {"lang": str, "kind": str}}`` (``tools`` and ``meta`` optional).
+  An assistant turn may carry OpenAI ``tool_calls`` (``content`` null or text;
+  ``function.arguments`` a JSON string or an object); a ``tool`` turn is a tool's result,
+  after an assistant turn that made a call (its ``tool_call_id``, if given, names one).
+  Calls and results stay structured until rendering, which goes through the base
+  model's tool format (tuneserve/tool_calls/formats.py), as in eval and serving;
 - alpaca: ``{"instruction": str, "input": str, "output": str, "system": str}``
   (``input`` and ``system`` optional);
 - text: ``{"text": str}``: plain language-model data (every token trained), meant
@@ -24,9 +28,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tuneserve.errors import TuneserveError
-from tuneserve.tool_calls.render import call_text, with_tools
+from tuneserve.tool_calls.formats import RenderedChat, ToolFormat, format_for_template
+from tuneserve.tool_calls.spec import ToolCall, ToolSpec
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100
 _MAX_REPORTED = 50
 
@@ -49,12 +54,19 @@ class _Problem(Exception):
 # ---------------------------------------------------------------- examples
 
 
+# One turn, OpenAI-shaped as formats.ToolFormat.render takes it: "role", "content"
+# (str, or None for an assistant turn that only calls), an assistant's "tool_calls"
+# (a tuple of ToolCall) and a tool turn's "tool_call_id".
+Message = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Conversation:
     where: str  # file:line
-    messages: list[dict[str, str]]
-    tools: list[dict[str, Any]] | None = None
+    messages: list[Message]
+    tools: list[ToolSpec] | None = None
     lang: str | None = None  # from an optional "meta": {"lang": ...}; eval scores by it
+    kind: str | None = None  # from "meta": {"kind": ...} (the generator's: call, multi_step, no_fit)
 
 
 @dataclass(frozen=True)
@@ -66,10 +78,10 @@ class Text:
 @dataclass(frozen=True)
 class Preference:
     where: str
-    prompt: list[dict[str, str]]  # conversation up to the answer
-    chosen: str
-    rejected: str
-    tools: list[dict[str, Any]] | None = None
+    prompt: list[Message]  # conversation up to the answer
+    chosen: Message  # an assistant turn: text, or tool_calls
+    rejected: Message
+    tools: list[ToolSpec] | None = None
 
 
 SftExample = Conversation | Text
@@ -108,63 +120,118 @@ def _string(value: Any, field_name: str, allow_empty: bool = True) -> str:
     return value
 
 
-def _tools(value: Any) -> list[dict[str, Any]] | None:
+def _tools(value: Any) -> list[ToolSpec] | None:
     """Normalise OpenAI-style {"type": "function", "function": {...}} or bare tool specs."""
     if value is None:
         return None
     if not isinstance(value, list):
         raise _Problem("tools", "must be a list of tool specs")
-    tools = []
+    tools: list[ToolSpec] = []
     for i, tool in enumerate(value):
         spec = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
             raise _Problem(f"tools[{i}]", "needs a non-empty string 'name' (or function.name)")
+        if any(t.name == spec["name"] for t in tools):
+            raise _Problem(f"tools[{i}].name", f"duplicate tool name {spec['name']!r}")
         params = spec.get("parameters", {})
         if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
             raise _Problem(f"tools[{i}].parameters", "must be a JSON schema object with 'properties'")
-        tools.append({"name": spec["name"], "description": spec.get("description", ""), "parameters": params})
+        description = spec.get("description") or ""
+        if not isinstance(description, str):
+            raise _Problem(f"tools[{i}].description", f"must be a string, got {type(description).__name__}")
+        tools.append(ToolSpec(spec["name"], description, params))
     return tools
 
 
-def _tool_call_content(calls: Any, field_name: str) -> str:
+def _tool_calls(calls: Any, field_name: str, index: int, taken: set[str]) -> tuple[ToolCall, ...]:
+    """OpenAI `tool_calls` as ToolCall values. A call without an id gets `call_<turn>_<n>`:
+    deterministic, so the same line renders the same everywhere."""
     if not isinstance(calls, list) or not calls:
         raise _Problem(field_name, "must be a non-empty list")
-    rendered = []
+    parsed = []
     for i, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise _Problem(f"{field_name}[{i}]", "needs function.name")
         arguments = fn.get("arguments", {})
         if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
             try:
-                arguments = json.loads(arguments)
+                value = json.loads(arguments)
             except json.JSONDecodeError:
                 raise _Problem(f"{field_name}[{i}].function.arguments", "is not valid JSON") from None
-        rendered.append({"name": fn["name"], "arguments": arguments})
-    return call_text(rendered)
+        else:
+            value, arguments = arguments, json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(value, dict):
+            raise _Problem(f"{field_name}[{i}].function.arguments", "must be a JSON object")
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if call_id is None:
+            call_id = f"call_{index}_{i}"
+        elif not isinstance(call_id, str) or not call_id:
+            raise _Problem(f"{field_name}[{i}].id", "must be a non-empty string")
+        if call_id in taken:
+            raise _Problem(f"{field_name}[{i}].id", f"duplicate call id {call_id!r}")
+        taken.add(call_id)
+        parsed.append(ToolCall(call_id, fn["name"], arguments))
+    return tuple(parsed)
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, field_name: str = "messages", need_answer: bool = True) -> list[Message]:
     if not isinstance(value, list) or not value:
-        raise _Problem("messages", "must be a non-empty list")
-    messages = []
+        raise _Problem(field_name, "must be a non-empty list")
+    messages: list[Message] = []
+    call_ids: set[str] = set()
+    unanswered: list[str] = []  # the latest assistant turn's calls without a result yet
     for i, message in enumerate(value):
-        name = f"messages[{i}]"
+        name = f"{field_name}[{i}]"
         if not isinstance(message, dict):
             raise _Problem(name, "must be an object with role and content")
         role = message.get("role")
         if role not in ROLES:
             raise _Problem(f"{name}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if role == "assistant" and message.get("tool_calls") and not message.get("content"):
-            content = _tool_call_content(message["tool_calls"], f"{name}.tool_calls")
+        turn: Message = {"role": role}
+        if role == "assistant" and message.get("tool_calls") not in (None, []):
+            turn["tool_calls"] = _tool_calls(message["tool_calls"], f"{name}.tool_calls", i, call_ids)
+            unanswered = [c.id for c in turn["tool_calls"]]
+            content = message.get("content")
+            turn["content"] = None if content is None else _string(content, f"{name}.content")
         else:
-            content = _string(message.get("content"), f"{name}.content")
-        if role == "assistant" and not content.strip():
-            raise _Problem(f"{name}.content", "empty assistant turn")
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise _Problem("messages", "no assistant turn: no trainable tokens")
+            turn["content"] = _string(message.get("content"), f"{name}.content")
+            if role == "assistant" and not turn["content"].strip():
+                raise _Problem(f"{name}.content", "empty assistant turn")
+        if role == "tool":
+            if not call_ids:
+                raise _Problem(name, "a tool result needs an earlier assistant turn with tool_calls")
+            call_id = message.get("tool_call_id")
+            if call_id is None:
+                # Without an id a result answers the next call of the turn before it
+                # (OpenAI needs the id: eval's requests to a gateway send it).
+                call_id = unanswered[0] if unanswered else _last_call_id(messages)
+            elif not isinstance(call_id, str) or call_id not in call_ids:
+                raise _Problem(f"{name}.tool_call_id", f"{call_id!r} matches no earlier assistant tool call")
+            if call_id in unanswered:
+                unanswered.remove(call_id)
+            turn["tool_call_id"] = call_id
+        messages.append(turn)
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
+        raise _Problem(field_name, "no assistant turn: no trainable tokens")
     return messages
+
+
+def _last_call_id(messages: Sequence[Message]) -> str:
+    """The id of the last call made before this point."""
+    return next(m["tool_calls"][-1].id for m in reversed(messages) if m.get("tool_calls"))
+
+
+def _meta(meta: Any) -> tuple[str | None, str | None]:
+    """meta.lang and meta.kind, both optional."""
+    if meta is None:
+        return None, None
+    if not isinstance(meta, dict):
+        raise _Problem("meta", "must be a JSON object")
+    kind = meta.get("kind")
+    if kind is not None and not (isinstance(kind, str) and kind.strip()):
+        raise _Problem("meta.kind", "must be a non-empty string")
+    return _lang(meta), kind
 
 
 def _lang(meta: Any) -> str | None:
@@ -184,7 +251,9 @@ def parse_sft(obj: Any, where: str) -> SftExample:
     if not isinstance(obj, dict):
         raise _Problem("(line)", "must be a JSON object")
     if "messages" in obj:
-        return Conversation(where, _messages(obj["messages"]), _tools(obj.get("tools")), _lang(obj.get("meta")))
+        messages, tools = _messages(obj["messages"]), _tools(obj.get("tools"))
+        _check_called_tools(messages, tools)
+        return Conversation(where, messages, tools, *_meta(obj.get("meta")))
     if "instruction" in obj or "output" in obj:
         instruction = _string(obj.get("instruction"), "instruction", allow_empty=False)
         extra = _string(obj.get("input", ""), "input")
@@ -215,23 +284,47 @@ def parse_preference(obj: Any, where: str) -> Preference:
         prompt = [{"role": "user", "content": _string(prompt, "prompt", allow_empty=False)}]
     else:
         prompt = _messages_without_answer(prompt)
-    chosen = _string(obj["chosen"], "chosen", allow_empty=False)
-    rejected = _string(obj["rejected"], "rejected", allow_empty=False)
-    return Preference(where, prompt, chosen, rejected, _tools(obj.get("tools")))
+    chosen, rejected = _answer(obj["chosen"], "chosen", prompt), _answer(obj["rejected"], "rejected", prompt)
+    tools = _tools(obj.get("tools"))
+    _check_called_tools([*prompt, chosen, rejected], tools)
+    return Preference(where, prompt, chosen, rejected, tools)
 
 
-def _messages_without_answer(value: Any) -> list[dict[str, str]]:
+def _answer(value: Any, field_name: str, prompt: Sequence[Message]) -> Message:
+    """A DPO answer: text, or an assistant message (OpenAI shape, may carry tool_calls)."""
+    if isinstance(value, str):
+        return {"role": "assistant", "content": _string(value, field_name, allow_empty=False)}
+    if not isinstance(value, dict) or value.get("role", "assistant") != "assistant":
+        raise _Problem(field_name, "must be a string or an assistant message")
+    taken = {c.id for m in prompt for c in m.get("tool_calls") or ()}
+    message: Message = {"role": "assistant"}
+    if value.get("tool_calls") not in (None, []):
+        message["tool_calls"] = _tool_calls(value["tool_calls"], f"{field_name}.tool_calls", len(prompt), taken)
+        content = value.get("content")
+        message["content"] = None if content is None else _string(content, f"{field_name}.content")
+    else:
+        message["content"] = _string(value.get("content"), f"{field_name}.content", allow_empty=False)
+    return message
+
+
+def _messages_without_answer(value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise _Problem("prompt", "must be a string or a non-empty list of messages")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            role = message.get("role") if isinstance(message, dict) else None
-            raise _Problem(f"prompt[{i}].role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        out.append({"role": message["role"], "content": _string(message.get("content"), f"prompt[{i}].content")})
+    out = _messages(value, "prompt", need_answer=False)
     if out[-1]["role"] == "assistant":
-        raise _Problem("prompt", "must end with a user turn (the answer goes in chosen/rejected)")
+        raise _Problem("prompt", "must end with a user or tool turn (the answer goes in chosen/rejected)")
     return out
+
+
+def _check_called_tools(messages: Sequence[Message], tools: Sequence[ToolSpec] | None) -> None:
+    """A call in the data names one of the offered tools (what the model is taught to do)."""
+    if tools is None:
+        return
+    names = {t.name for t in tools}
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            if call.name not in names:
+                raise _Problem(f"messages[{i}].tool_calls[{j}].function.name", f"{call.name!r} is not in tools")
 
 
 def load_examples(paths: Sequence[Path], preference: bool = False) -> list[Any]:
@@ -281,13 +374,33 @@ def split_eval(items: Sequence[Any], ratio: float, seed: int) -> tuple[list[Any]
 # ---------------------------------------------------------------- rendering
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def tool_format(tokenizer: Any) -> ToolFormat:
+    """The tool protocol of the tokenizer's chat template: compact for SmolLM2, Hermes for
+    templates that render `tools` and answer in <tool_call> tags (formats.format_for_template)."""
+    source = getattr(tokenizer, "chat_template", None)
+    return format_for_template(source if isinstance(source, str) else "")
 
 
-def prompt_text(tokenizer: Any, messages: list[dict[str, str]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+def render_chat(tokenizer: Any, messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None) -> RenderedChat:
+    """Structured turns as the chat template's input, through the shared tool format."""
+    return tool_format(tokenizer).render(messages, tools)
+
+
+def render(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    tools: Sequence[ToolSpec] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    chat = render_chat(tokenizer, messages, tools)
+    return tokenizer.apply_chat_template(
+        chat.messages, tools=chat.tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def prompt_text(tokenizer: Any, messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None) -> str:
     """What the model sees before it answers: the same rendering training uses."""
-    return render(tokenizer, with_tools(messages, tools), add_generation_prompt=True)
+    return render(tokenizer, messages, tools, add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -305,8 +418,11 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant answer (with its end-of-turn marker) in `full`.
+def _assistant_spans(
+    tokenizer: Any, messages: Sequence[Message], tools: Sequence[ToolSpec] | None, full: str
+) -> list[tuple[int, int]]:
+    """Character spans of each assistant turn (a call or text, with its end-of-turn
+    marker) in `full`; tool results and the user's turns are context.
 
     Rendered from the template itself: the prompt up to a turn (with the generation
     prompt) and the conversation through it; the answer is the difference. This
@@ -316,8 +432,8 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        before = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1], tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise _Problem(
                 f"messages[{i}]",
@@ -333,12 +449,11 @@ def encode(tokenizer: Any, example: SftExample, max_length: int, assistant_only:
         ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         labels = list(ids)
     else:
-        messages = with_tools(example.messages, example.tools)
-        full = render(tokenizer, messages)
+        full = render(tokenizer, example.messages, example.tools)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         if assistant_only:
-            spans = _assistant_spans(tokenizer, messages, full)
+            spans = _assistant_spans(tokenizer, example.messages, example.tools, full)
             labels = [
                 token if any(s <= start < e for s, e in spans) else IGNORE_INDEX
                 for token, (start, _) in zip(ids, enc["offset_mapping"])

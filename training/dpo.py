@@ -3,12 +3,15 @@
 The SFT adapter is loaded as "default", which trains; TRL copies it to a frozen
 "ref" adapter, the reference policy. Only "default" is saved.
 
-Lines: {"prompt": str | [messages ending with a user turn], "chosen": str,
-"rejected": str, "tools": [...]} (tools optional, rendered as in SFT).
+Lines: {"prompt": str | [messages ending with a user or tool turn], "chosen": str |
+assistant message, "rejected": str | assistant message, "tools": [...]} (tools optional;
+the prompt may hold calls and tool results, an answer may be `tool_calls`; all rendered
+through the same tool format as SFT, eval and serving).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,7 +21,6 @@ from training.arguments import training_arguments
 from training.config import TrainConfig
 from training.method import BuiltTrainer
 from training.model import build_model
-from tuneserve.tool_calls.render import with_tools
 
 
 class DpoDataSummary(BaseModel):
@@ -32,19 +34,28 @@ class DpoDataSummary(BaseModel):
 def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tuple[list[dict[str, Any]], int, list[str]]:
     rows, truncated, problems = [], 0, []
     for ex in examples:
-        prompt = with_tools(ex.prompt, ex.tools)
-        prompt_len = len(tokenizer(D.render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        chat = D.render_chat(tokenizer, ex.prompt, ex.tools)
+        prompt_len = len(tokenizer(D.prompt_text(tokenizer, ex.prompt, ex.tools), add_special_tokens=False)["input_ids"])
         if prompt_len >= max_length:
             problems.append(f"{ex.where}: prompt: no trainable tokens within data.max_length={max_length} (the prompt alone has {prompt_len})")
             continue
-        longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in (ex.chosen, ex.rejected))
+        # Each answer as the format writes it: for the compact one a call becomes its JSON text.
+        answers = [D.render_chat(tokenizer, [*ex.prompt, a], ex.tools).messages[-1] for a in (ex.chosen, ex.rejected)]
+        longest = max(len(tokenizer(_answer_text(tokenizer, a), add_special_tokens=False)["input_ids"]) for a in answers)
         truncated += prompt_len + longest + 2 > max_length  # +2: end-of-turn tokens
-        rows.append({
-            "prompt": prompt,
-            "chosen": [{"role": "assistant", "content": ex.chosen}],
-            "rejected": [{"role": "assistant", "content": ex.rejected}],
-        })
+        row: dict[str, Any] = {"prompt": chat.messages, "chosen": answers[:1], "rejected": answers[1:]}
+        if chat.tools:  # a template that renders tools itself; TRL passes a row's tools on
+            row["tools"] = json.dumps(chat.tools, ensure_ascii=False)  # one Arrow type for every schema
+        rows.append(row)
     return rows, truncated, problems
+
+
+def _answer_text(tokenizer: Any, turn: dict[str, Any]) -> str:
+    calls = turn.get("tool_calls")
+    if not calls:
+        return turn.get("content") or ""
+    # A template that writes calls itself (Hermes) gets them as mappings; count their JSON.
+    return (turn.get("content") or "") + json.dumps([c.get("function", c) for c in calls], ensure_ascii=False)
 
 
 def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTrainer:

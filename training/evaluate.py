@@ -1,17 +1,29 @@
 """Evaluate a base model and adapters: function-calling accuracy and general perplexity.
 
-Function calling: each test line is a chat example whose last assistant turn is the
-expected call, {"name": ..., "arguments": {...}} (the generator's format). The model
-answers the conversation before it, greedily, rendered exactly as in training (tools
-in the system prompt). Scores:
+Function calling: each test line is a chat example; its last assistant turn is the
+expected answer, and the conversation before it (calls and tool results included) is
+the prompt. The expected answer is either one call (`tool_calls`, or the JSON
+{"name": ..., "arguments": {...}} as content, the generator's older format), or text:
+the right answer makes no call (no offered tool fits, or the final answer after a tool
+result). The model answers greedily, in process (rendered exactly as in training,
+through the base model's tool format) or through a running gateway (`--base-url`: the
+same conversation and `tools` over the OpenAI API, `tool_choice: auto`). Either way an
+answer is a `ParsedOutput` (content and calls): in process, the model's text through
+the gateway's own parser (tuneserve/tool_calls/parse.py); over HTTP, the response's
+`message.tool_calls` and `content`. One scorer scores both, so the figures agree.
 
-- json_validity: the answer parses as a JSON object;
-- tool_name_accuracy: the object's "name" is the expected tool;
+Scores (call metrics over the cases that expect a call):
+
+- json_validity: the answer is a call (a well-formed call to an offered tool: what the
+  gateway returns as `tool_calls`);
+- tool_name_accuracy: its first call names the expected tool;
 - argument_accuracy: expected arguments present with exactly the expected value
   (per argument, over all expected arguments);
-- exact_call_accuracy: name and the whole arguments object match.
+- exact_call_accuracy: one call, name and the whole arguments object match;
+- no_call_accuracy: over the cases whose answer is text: the answer makes no call.
 
-Lines with "meta": {"lang": ...} (the generator writes it) are also scored per language.
+Lines with "meta": {"lang": ...} are also scored per language, and by kind (`meta.kind`,
+else call / multi_step / no_fit told from the line).
 
 General perplexity (forgetting): token-weighted perplexity over a JSONL text set.
 """
@@ -20,41 +32,69 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from training import data as D
+from tuneserve.tool_calls.formats import ToolFormat
+from tuneserve.tool_calls.parse import ParsedOutput, parse_output
+from tuneserve.tool_calls.spec import ToolCall, ToolSpec
 
 
 @dataclass(frozen=True)
 class CallCase:
     where: str
-    prompt: list[dict[str, str]]
-    tools: list[dict[str, Any]] | None
-    name: str
-    arguments: dict[str, Any]
+    prompt: list[D.Message]
+    tools: list[ToolSpec] | None
+    name: str | None  # the expected tool; None: the right answer is text, no call
+    arguments: dict[str, Any] = field(default_factory=dict)
     lang: str | None = None
+    kind: str | None = None  # call | multi_step | no_fit (meta.kind, or told from the line)
+    content: str | None = None  # the expected text, when it is text
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.name for t in self.tools or ()]
+
+
+def _expected_call(answer: D.Message, where: str, index: int) -> tuple[str, dict[str, Any]] | None:
+    """The expected call of an assistant turn, None when it is text."""
+    calls = answer.get("tool_calls")
+    if calls:
+        if len(calls) > 1:
+            raise D.DataError([f"{where}: messages[{index}].tool_calls: eval scores one expected call, got {len(calls)}"])
+        return calls[0].name, calls[0].arguments_value()
+    try:  # the older format: the call's JSON as content
+        value = json.loads(answer["content"])
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("arguments", {}), dict):
+        return value["name"], value.get("arguments", {})
+    return None
 
 
 def load_call_cases(path: Path, limit: int | None = None) -> list[CallCase]:
-    """Chat examples ending in the expected call; problems reported as file:line."""
+    """Chat examples ending in the expected answer; problems reported as file:line."""
     cases, problems = [], []
     for example in D.load_examples([path]):
         if not isinstance(example, D.Conversation) or example.messages[-1]["role"] != "assistant":
-            problems.append(f"{example.where}: messages: the last turn must be the assistant's expected call")
+            problems.append(f"{example.where}: messages: the last turn must be the assistant's expected answer")
             continue
+        last = len(example.messages) - 1
         try:
-            call = json.loads(example.messages[-1]["content"])
-        except json.JSONDecodeError:
-            call = None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments", {}), dict)):
-            problems.append(
-                f"{example.where}: messages[{len(example.messages) - 1}].content: "
-                'expected call must be JSON {"name": str, "arguments": object}'
-            )
+            call = _expected_call(example.messages[-1], example.where, last)
+        except D.DataError as exc:
+            problems += exc.problems
             continue
-        cases.append(CallCase(example.where, example.messages[:-1], example.tools, call["name"], call.get("arguments", {}), example.lang))
+        prompt = example.messages[:-1]
+        kind = example.kind or ("call" if call else "multi_step" if any(m["role"] == "tool" for m in prompt) else "no_fit")
+        if call is None:
+            cases.append(CallCase(example.where, prompt, example.tools, None, {}, example.lang, kind,
+                                  example.messages[-1]["content"]))
+        else:
+            cases.append(CallCase(example.where, prompt, example.tools, call[0], call[1], example.lang, kind))
     if problems:
         raise D.DataError(problems)
     return cases[:limit] if limit else cases
@@ -66,7 +106,7 @@ def load_texts(path: Path) -> list[str]:
         if isinstance(example, D.Text):
             texts.append(example.text)
         else:  # a chat example: its rendered messages are text too
-            texts.append("\n".join(m["content"] for m in example.messages))
+            texts.append("\n".join(m["content"] for m in example.messages if m.get("content")))
     return texts
 
 
@@ -124,50 +164,71 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int
 # ---------------------------------------------------------------- scoring
 
 
-def parse_call(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text.strip())
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+def parse_answers(fmt: ToolFormat, cases: Sequence[CallCase], texts: Sequence[str]) -> list[ParsedOutput]:
+    """Model text as the gateway reads it: the same parser, the same offered tool names."""
+    return [parse_output(text, fmt, case.tool_names) for case, text in zip(cases, texts)]
 
 
-def _score(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
-    valid = names = exact = args_hit = args_total = 0
+def _score(cases: Sequence[CallCase], answers: Sequence[ParsedOutput]) -> dict[str, Any]:
+    valid = names = exact = args_hit = args_total = calls = no_calls = no_call_right = 0
     for case, answer in zip(cases, answers):
-        call = parse_call(answer)
+        if case.name is None:
+            no_calls += 1
+            no_call_right += not answer.calls  # a call where text was right is an error
+            continue
+        calls += 1
         args_total += len(case.arguments)
-        if call is None:
+        if not answer.calls:
             continue
         valid += 1
-        arguments = call.get("arguments")
+        call = answer.calls[0]
+        arguments = call.arguments_value()
         got_args: dict[str, Any] = arguments if isinstance(arguments, dict) else {}
-        if call.get("name") == case.name:
+        if call.name == case.name:
             names += 1
             args_hit += sum(1 for k, v in case.arguments.items() if k in got_args and got_args[k] == v)
-            exact += int(got_args == case.arguments)
-    n = len(cases) or 1
+            exact += int(got_args == case.arguments and len(answer.calls) == 1)
+
+    def share(hits: int, total: int) -> float | None:
+        return hits / total if total else None
+
     return {
         "examples": len(cases),
-        "json_validity": valid / n,
-        "tool_name_accuracy": names / n,
-        "argument_accuracy": args_hit / args_total if args_total else None,
-        "exact_call_accuracy": exact / n,
+        "call_examples": calls,
+        "no_call_examples": no_calls,
+        "json_validity": share(valid, calls),
+        "tool_name_accuracy": share(names, calls),
+        "argument_accuracy": share(args_hit, args_total),
+        "exact_call_accuracy": share(exact, calls),
+        "no_call_accuracy": share(no_call_right, no_calls),
     }
 
 
-def score_calls(cases: Sequence[CallCase], answers: Sequence[str]) -> dict[str, Any]:
-    """Scores over all cases, plus `by_language` when cases carry a language: a small
-    model's weak language hides behind a good average."""
+def score_calls(cases: Sequence[CallCase], answers: Sequence[ParsedOutput]) -> dict[str, Any]:
+    """Scores over all cases, plus `by_language` and `by_kind` when cases carry them: a
+    small model's weak language (or kind) hides behind a good average."""
     scores = _score(cases, answers)
-    langs = sorted({c.lang for c in cases if c.lang})
-    if langs:
-        by_language = {}
-        for lang in langs:
-            picked = [i for i, case in enumerate(cases) if case.lang == lang]
-            by_language[lang] = _score([cases[i] for i in picked], [answers[i] for i in picked])
-        scores["by_language"] = by_language
+    for key, attribute in (("by_language", "lang"), ("by_kind", "kind")):
+        groups = sorted({getattr(c, attribute) for c in cases if getattr(c, attribute)})
+        if groups:
+            scores[key] = {}
+            for group in groups:
+                picked = [i for i, case in enumerate(cases) if getattr(case, attribute) == group]
+                scores[key][group] = _score([cases[i] for i in picked], [answers[i] for i in picked])
     return scores
+
+
+def _samples(cases: Sequence[CallCase], answers: Sequence[ParsedOutput], raw: Sequence[Any], keep: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "where": c.where,
+            "kind": c.kind,
+            "expected": {"name": c.name, "arguments": c.arguments} if c.name else {"content": c.content},
+            "answer": r,
+            "parsed": {"content": a.content, "tool_calls": [call.as_openai()["function"] for call in a.calls]},
+        }
+        for c, a, r in list(zip(cases, answers, raw))[:keep]
+    ]
 
 
 def evaluate_model(
@@ -182,12 +243,10 @@ def evaluate_model(
     result: dict[str, Any] = {}
     if cases:
         prompts = [D.prompt_text(tokenizer, c.prompt, c.tools) for c in cases]
-        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        raw = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        answers = parse_answers(D.tool_format(tokenizer), cases, raw)
         result["function_calling"] = score_calls(cases, answers)
-        result["samples"] = [
-            {"where": c.where, "expected": {"name": c.name, "arguments": c.arguments}, "answer": a}
-            for c, a in list(zip(cases, answers))[:keep_answers]
-        ]
+        result["samples"] = _samples(cases, answers, raw, keep_answers)
     if texts:
         result["general_perplexity"] = perplexity(model, tokenizer, texts)
     return result
@@ -227,6 +286,74 @@ def evaluate(
     }
 
 
+# ---------------------------------------------------------------- through a gateway
+
+
+def openai_messages(messages: Sequence[D.Message]) -> list[dict[str, Any]]:
+    """Structured turns as OpenAI's chat API takes them."""
+    out = []
+    for message in messages:
+        turn: dict[str, Any] = {"role": message["role"], "content": message.get("content")}
+        if message.get("tool_calls"):
+            turn["tool_calls"] = [call.as_openai() for call in message["tool_calls"]]
+        if message["role"] == "tool":
+            turn["tool_call_id"] = message["tool_call_id"]
+        out.append(turn)
+    return out
+
+
+def answer_over_http(client: Any, model: str, case: CallCase, max_new_tokens: int) -> tuple[ParsedOutput, dict[str, Any]]:
+    """One case through the gateway: (the answer as the scorer reads it, the message as sent back)."""
+    tools: dict[str, Any] = {}
+    if case.tools:
+        tools = {"tools": [t.as_openai() for t in case.tools], "tool_choice": "auto"}
+    response = client.chat.completions.create(
+        model=model, messages=openai_messages(case.prompt), temperature=0, max_tokens=max_new_tokens, **tools
+    )
+    message = response.choices[0].message
+    calls = tuple(
+        ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or () if c.type == "function"
+    )
+    return ParsedOutput(message.content, calls), message.model_dump(exclude_none=True)
+
+
+def evaluate_gateway(
+    base_url: str,
+    models: Sequence[str],
+    function_calling: Path,
+    api_key: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 96,
+    concurrency: int = 4,
+    keep_answers: int = 20,
+    timeout_s: float = 600,
+) -> dict[str, Any]:
+    """The same cases and scores as `evaluate`, answered by a running gateway (or any
+    OpenAI-compatible server) over HTTP, with the official `openai` client."""
+    from openai import OpenAI
+
+    url = base_url.rstrip("/")
+    url = url if url.endswith("/v1") else url + "/v1"
+    client = OpenAI(base_url=url, api_key=api_key or "unused", max_retries=2, timeout=timeout_s)
+    cases = load_call_cases(function_calling, limit)
+    results: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for model in models:
+            replies = list(pool.map(answer_over_http, [client] * len(cases), [model] * len(cases), cases,
+                                    [max_new_tokens] * len(cases)))
+            answers = [answer for answer, _ in replies]
+            results[model] = {
+                "function_calling": score_calls(cases, answers),
+                "samples": _samples(cases, answers, [raw for _, raw in replies], keep_answers),
+            }
+    return {
+        "base_url": url,
+        "function_calling_file": str(function_calling),
+        "general_file": None,
+        "models": results,
+    }
+
+
 def format_table(results: dict[str, Any]) -> str:
     columns = [
         ("model", lambda n, r: n),
@@ -234,14 +361,16 @@ def format_table(results: dict[str, Any]) -> str:
         ("arguments", lambda n, r: _pct(r.get("function_calling", {}).get("argument_accuracy"))),
         ("exact_call", lambda n, r: _pct(r.get("function_calling", {}).get("exact_call_accuracy"))),
         ("json_valid", lambda n, r: _pct(r.get("function_calling", {}).get("json_validity"))),
+        ("no_call", lambda n, r: _pct(r.get("function_calling", {}).get("no_call_accuracy"))),
         ("general_ppl", lambda n, r: f"{r['general_perplexity']:.3f}" if r.get("general_perplexity") else "-"),
         ("ppl_change", lambda n, r: f"{r['perplexity_change_pct']:+.2f}%" if "perplexity_change_pct" in r else "-"),
     ]
     labelled = []
     for name, result in results["models"].items():
         labelled.append((name, result))
-        for lang, scores in result.get("function_calling", {}).get("by_language", {}).items():
-            labelled.append((f"  {name} [{lang}]", {"function_calling": scores}))
+        for group in ("by_language", "by_kind"):
+            for label, scores in result.get("function_calling", {}).get(group, {}).items():
+                labelled.append((f"  {name} [{label}]", {"function_calling": scores}))
     rows = [[c[0] for c in columns]] + [[str(f(n, r)) for _, f in columns] for n, r in labelled]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

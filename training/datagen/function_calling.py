@@ -3,9 +3,17 @@
 Each tool has typed arguments (JSON schema) and phrasings ("templates") in both
 languages. Every third phrasing of each tool and language goes to the test split
 only, so a test request never reuses a phrasing seen in training: the split
-measures whether the model learned the task, not the sentences. Each example
-offers the right tool among `offered` tools (the others drawn at random), and the
-answer is the call as JSON: {"name": ..., "arguments": {...}}.
+measures whether the model learned the task, not the sentences. Three kinds of
+example (`meta.kind`), all in OpenAI's chat shape:
+
+- `call`: the right tool among `offered` tools (the others drawn at random); the
+  answer is an assistant turn with `tool_calls` (rendered per base model by
+  tuneserve/tool_calls/formats.py: for SmolLM2 the JSON {"name": ..., "arguments": {...}});
+- `multi_step` (`--multi-step`, 12% by default): the call, the tool's result as a
+  `tool` turn, then the assistant's text answer that uses the result;
+- `no_fit` (`--no-fit`, 12% by default): no offered tool fits the request (another
+  tool's request with that tool left out, or a general question), and the answer is
+  text, not a call.
 
     python -m training.datagen.function_calling --out data/fc --train 600 --test 150
 """
@@ -18,7 +26,7 @@ import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 Value = str | int | float | bool
 
@@ -421,6 +429,159 @@ TOOLS: list[Tool] = [
 ]
 
 
+# ---------------------------------------------------------------- multi-step and no-fit data
+
+# What each tool does, for the no-fit answer ("none of the tools I have can ...").
+CAPABILITIES: dict[str, dict[str, str]] = {
+    "get_weather": {"en": "check the weather", "ko": "날씨 확인"},
+    "convert_currency": {"en": "convert currencies", "ko": "환율 계산"},
+    "set_alarm": {"en": "set alarms", "ko": "알람 설정"},
+    "send_email": {"en": "send emails", "ko": "이메일 보내기"},
+    "search_restaurants": {"en": "search for restaurants", "ko": "식당 검색"},
+    "book_flight": {"en": "book flights", "ko": "항공편 예약"},
+    "translate_text": {"en": "translate text", "ko": "번역"},
+    "get_stock_price": {"en": "look up stock prices", "ko": "주가 조회"},
+    "set_thermostat": {"en": "change the thermostat", "ko": "온도 조절"},
+    "calculate_tip": {"en": "calculate tips", "ko": "팁 계산"},
+    "play_music": {"en": "play music", "ko": "음악 재생"},
+    "get_directions": {"en": "give directions", "ko": "길 안내"},
+    "create_reminder": {"en": "create reminders", "ko": "리마인더 설정"},
+}
+
+# General requests no tool serves, with their answers; every third per language is test-only.
+QUESTIONS: dict[str, list[tuple[str, str]]] = {
+    "en": [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("How many days are in a week?", "A week has seven days."),
+        ("What color do you get by mixing blue and yellow?", "Mixing blue and yellow gives green."),
+        ("Say hello!", "Hello! How can I help you today?"),
+        ("What is 12 times 3?", "12 times 3 is 36."),
+        ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun."),
+        ("Thanks for your help.", "You're welcome! Let me know if you need anything else."),
+        ("How many legs does a spider have?", "A spider has eight legs."),
+        ("What is the boiling point of water in celsius?", "Water boils at 100 degrees Celsius at sea level."),
+    ],
+    "ko": [
+        ("한국의 수도는 어디야?", "한국의 수도는 서울이에요."),
+        ("일주일은 며칠이야?", "일주일은 7일이에요."),
+        ("파란색과 노란색을 섞으면 무슨 색이야?", "파란색과 노란색을 섞으면 초록색이 돼요."),
+        ("안녕!", "안녕하세요! 무엇을 도와드릴까요?"),
+        ("12 곱하기 3은?", "12 곱하기 3은 36이에요."),
+        ("태양에서 가장 가까운 행성은?", "태양에서 가장 가까운 행성은 수성이에요."),
+        ("도와줘서 고마워.", "천만에요! 더 필요한 게 있으면 말씀해 주세요."),
+        ("거미 다리는 몇 개야?", "거미는 다리가 여덟 개예요."),
+        ("물은 섭씨 몇 도에서 끓어?", "물은 해수면에서 섭씨 100도에서 끓어요."),
+    ],
+}
+
+
+def split_questions(lang: str, split: str) -> list[tuple[str, str]]:
+    """Every third general question per language is test-only, as with the templates."""
+    return [q for i, q in enumerate(QUESTIONS[lang]) if (i % 3 == 2) == (split == "test")]
+
+
+Outcome = tuple[dict[str, Any], dict[str, str]]  # (the tool's result, the answer per language)
+
+_CONDITIONS = {"sunny": "맑아요", "cloudy": "흐려요", "rain": "비가 와요"}
+_MODES = {"driving": ("by car", "차로"), "walking": ("on foot", "걸어서"), "transit": ("by public transport", "대중교통으로")}
+_RESTAURANTS = ["Golden Spoon", "Blue Door", "Casa Verde", "Little Garden", "Harbor Table", "Red Lantern"]
+_TRACKS = ["Greatest Hits", "Live Session", "Acoustic Mix", "Top Songs"]
+
+
+def _weather(a: dict[str, Any], rng: random.Random) -> Outcome:
+    unit = a.get("unit", "celsius")
+    temp = rng.randint(-5, 33) if unit == "celsius" else rng.randint(25, 92)
+    cond = rng.choice(sorted(_CONDITIONS))
+    sign = "°C" if unit == "celsius" else "°F"
+    result = {"city": a["city"], "temperature": temp, "unit": unit, "condition": cond}
+    return result, {"en": f"It is {temp}{sign} and {cond} in {a['city']} right now.",
+                    "ko": f"지금 {a['city']} 날씨는 {temp}{sign}이고 {_CONDITIONS[cond]}."}
+
+
+def _currency(a: dict[str, Any], rng: random.Random) -> Outcome:
+    converted = round(a["amount"] * rng.uniform(0.2, 5.0), 2)
+    result = {"amount": converted, "currency": a["to_currency"]}
+    return result, {"en": f"{a['amount']} {a['from_currency']} is {converted} {a['to_currency']}.",
+                    "ko": f"{a['amount']} {a['from_currency']}의 {a['to_currency']} 환산 금액은 {converted} {a['to_currency']}예요."}
+
+
+def _alarm(a: dict[str, Any], rng: random.Random) -> Outcome:
+    label = f" ({a['label']})" if "label" in a else ""
+    return {"status": "ok", "time": a["time"]}, {"en": f"Done: your alarm is set for {a['time']}{label}.",
+                                                  "ko": f"{a['time']}에 알람을 맞췄어요{label}."}
+
+
+def _email(a: dict[str, Any], rng: random.Random) -> Outcome:
+    result = {"status": "sent", "message_id": f"msg_{rng.randrange(16**6):06x}"}
+    return result, {"en": f"I sent the email to {a['to']} with the subject \"{a['subject']}\".",
+                    "ko": f"{a['to']}에게 '{a['subject']}' 제목으로 메일을 보냈어요."}
+
+
+def _restaurants(a: dict[str, Any], rng: random.Random) -> Outcome:
+    names = rng.sample(_RESTAURANTS, 2)
+    return {"restaurants": names}, {"en": f"I found {names[0]} and {names[1]} for {a['cuisine']} in {a['city']}.",
+                                    "ko": f"{a['city']}의 {a['cuisine']} 식당으로 {names[0]}, {names[1]} 두 곳을 찾았어요."}
+
+
+def _flight(a: dict[str, Any], rng: random.Random) -> Outcome:
+    code = "".join(rng.choice(string.ascii_uppercase) for _ in range(3)) + str(rng.randint(100, 999))
+    return {"status": "booked", "confirmation": code}, {
+        "en": f"Your flight from {a['origin']} to {a['destination']} on {a['date']} is booked. Confirmation: {code}.",
+        "ko": f"{a['date']} {a['origin']}에서 {a['destination']} 가는 항공편을 예약했어요. 예약 번호: {code}."}
+
+
+def _stock(a: dict[str, Any], rng: random.Random) -> Outcome:
+    price = round(rng.uniform(50, 900), 2)
+    return {"symbol": a["symbol"], "price": price, "currency": "USD"}, {
+        "en": f"{a['symbol']} is trading at {price} USD.", "ko": f"{a['symbol']}의 현재 주가는 {price} 달러예요."}
+
+
+def _thermostat(a: dict[str, Any], rng: random.Random) -> Outcome:
+    room = a.get("room")
+    return {"status": "ok", "temperature": a["temperature"]}, {
+        "en": f"The {room or 'thermostat'} is now set to {a['temperature']}°C.",
+        "ko": f"{room + ' ' if room else ''}온도를 {a['temperature']}도로 맞췄어요."}
+
+
+def _tip(a: dict[str, Any], rng: random.Random) -> Outcome:
+    tip = round(a["bill"] * a["percent"] / 100, 2)
+    total = round(a["bill"] + tip, 2)
+    return {"tip": tip, "total": total}, {
+        "en": f"A {a['percent']}% tip on {a['bill']} is {tip}, so the total is {total}.",
+        "ko": f"{a['bill']}의 {a['percent']}% 팁은 {tip}이고, 합계는 {total}예요."}
+
+
+def _music(a: dict[str, Any], rng: random.Random) -> Outcome:
+    track = rng.choice(_TRACKS)
+    shuffle = " on shuffle" if a.get("shuffle") else ""
+    return {"status": "playing", "playlist": f"{a['artist']} {track}"}, {
+        "en": f"Now playing {a['artist']} {track}{shuffle}.", "ko": f"지금 {a['artist']} {track} 재생 중이에요."}
+
+
+def _directions(a: dict[str, Any], rng: random.Random) -> Outcome:
+    minutes, km = rng.randint(5, 90), round(rng.uniform(0.5, 30), 1)
+    en_mode, ko_mode = _MODES[a["mode"]]
+    return {"duration_min": minutes, "distance_km": km}, {
+        "en": f"From {a['origin']} to {a['destination']} takes about {minutes} minutes {en_mode} ({km} km).",
+        "ko": f"{a['origin']}에서 {a['destination']}까지 {ko_mode} 약 {minutes}분 걸려요 ({km}km)."}
+
+
+def _reminder(a: dict[str, Any], rng: random.Random) -> Outcome:
+    return {"status": "ok", "in_minutes": a["minutes"]}, {
+        "en": f"OK, I will remind you to {a['text']} in {a['minutes']} minutes.",
+        "ko": f"{a['minutes']}분 뒤에 '{a['text']}' 알려드릴게요."}
+
+
+# A plausible result per tool and the answer that reports it (translate_text has none:
+# a made-up translation would teach wrong text).
+OUTCOMES: dict[str, Callable[[dict[str, Any], random.Random], Outcome]] = {
+    "get_weather": _weather, "convert_currency": _currency, "set_alarm": _alarm, "send_email": _email,
+    "search_restaurants": _restaurants, "book_flight": _flight, "get_stock_price": _stock,
+    "set_thermostat": _thermostat, "calculate_tip": _tip, "play_music": _music,
+    "get_directions": _directions, "create_reminder": _reminder,
+}
+
+
 def split_templates(tool: Tool, split: str) -> list[Template]:
     """Every third phrasing of each language is test-only; the rest train."""
     chosen = []
@@ -435,7 +596,8 @@ def _value(tool: Tool, arg: str, lang: str, rng: random.Random) -> Value:
     return rng.choice(pools.get(lang) or pools["*"])
 
 
-def make_example(tool: Tool, template: Template, rng: random.Random, offered: int) -> dict[str, Any]:
+def _arguments(tool: Tool, template: Template, rng: random.Random) -> tuple[dict[str, Value], dict[str, Value]]:
+    """(slot values for the request text, the call's arguments)."""
     values: dict[str, Value] = {}
     for slot in template.slots():
         values[slot] = _value(tool, slot, template.lang, rng)
@@ -445,41 +607,130 @@ def make_example(tool: Tool, template: Template, rng: random.Random, offered: in
             while values[slot] == values.get(other):
                 values[slot] = _value(tool, slot, template.lang, rng)
     arguments = {name: {**values, **template.fixed}[name] for name in tool.properties if name in {**values, **template.fixed}}
-    others = [t for t in TOOLS if t.name != tool.name]
-    tools = [tool, *rng.sample(others, min(offered, len(TOOLS)) - 1)]
+    return values, arguments
+
+
+def _offer(tool: Tool | None, rng: random.Random, offered: int, leave_out: str | None = None) -> list[dict[str, Any]]:
+    """`offered` tool specs in random order: `tool` among them, `leave_out` never."""
+    others = [t for t in TOOLS if tool is None or t.name != tool.name]
+    others = [t for t in others if t.name != leave_out]
+    count = min(offered, len(TOOLS) - (leave_out is not None)) - (tool is not None)
+    tools = ([tool] if tool else []) + rng.sample(others, count)
     rng.shuffle(tools)
-    call = json.dumps({"name": tool.name, "arguments": arguments}, ensure_ascii=False)
+    return [t.spec() for t in tools]
+
+
+def call_turn(name: str, arguments: Mapping[str, Any], call_id: str = "call_0") -> dict[str, Any]:
+    """An assistant turn that makes one call, in OpenAI's shape."""
     return {
-        "messages": [{"role": "user", "content": template.text.format(**values)}, {"role": "assistant", "content": call}],
-        "tools": [t.spec() for t in tools],
-        "meta": {"lang": template.lang, "template": template.text},
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}],
     }
 
 
-def generate(split: str, n: int, seed: int = 0, offered: int = 4) -> list[dict[str, Any]]:
+def make_example(tool: Tool, template: Template, rng: random.Random, offered: int) -> dict[str, Any]:
+    values, arguments = _arguments(tool, template, rng)
+    tools = _offer(tool, rng, offered)
+    return {
+        "messages": [{"role": "user", "content": template.text.format(**values)}, call_turn(tool.name, arguments)],
+        "tools": tools,
+        "meta": {"lang": template.lang, "template": template.text, "kind": "call"},
+    }
+
+
+def make_multi_step(tool: Tool, template: Template, rng: random.Random, offered: int) -> dict[str, Any]:
+    """Request, call, the tool's result, and the answer that reports it."""
+    values, arguments = _arguments(tool, template, rng)
+    tools = _offer(tool, rng, offered)
+    result, answers = OUTCOMES[tool.name](arguments, rng)
+    return {
+        "messages": [
+            {"role": "user", "content": template.text.format(**values)},
+            call_turn(tool.name, arguments),
+            {"role": "tool", "tool_call_id": "call_0", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answers[template.lang]},
+        ],
+        "tools": tools,
+        "meta": {"lang": template.lang, "template": template.text, "kind": "multi_step"},
+    }
+
+
+def make_no_fit(index: int, split: str, rng: random.Random, offered: int) -> dict[str, Any]:
+    """A request no offered tool serves; the answer is text. Even indexes: another
+    tool's request with that tool left out (the answer says it cannot); odd: a general
+    question (the answer answers it)."""
+    if index % 2 == 0:
+        tool = TOOLS[(index // 2) % len(TOOLS)]
+        template = rng.choice(split_templates(tool, split))
+        values, _ = _arguments(tool, template, rng)
+        capability = CAPABILITIES[tool.name][template.lang]
+        answer = (f"Sorry, none of the tools I have can {capability}." if template.lang == "en"
+                  else f"죄송해요, 지금 쓸 수 있는 도구 중에는 {capability} 기능이 없어요.")
+        request, lang, text = template.text.format(**values), template.lang, template.text
+        tools = _offer(None, rng, offered, leave_out=tool.name)
+    else:
+        lang = ("en", "ko")[(index // 2) % 2]
+        of_lang = split_questions(lang, split)
+        request, answer = of_lang[(index // 4) % len(of_lang)]
+        text = request
+        tools = _offer(None, rng, offered)
+    return {
+        "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
+        "tools": tools,
+        "meta": {"lang": lang, "template": text, "kind": "no_fit"},
+    }
+
+
+MULTI_STEP, NO_FIT = 0.12, 0.12  # default shares of the two extra kinds
+
+
+def generate(
+    split: str, n: int, seed: int = 0, offered: int = 4, multi_step: float = MULTI_STEP, no_fit: float = NO_FIT
+) -> list[dict[str, Any]]:
+    """`n` examples: round(n * multi_step) multi-step ones, round(n * no_fit) no-fit ones,
+    the rest single calls; each kind balanced over tools, the same for a given seed."""
+    if multi_step < 0 or no_fit < 0 or multi_step + no_fit > 1:
+        raise ValueError("multi_step and no_fit are shares: each >= 0, together <= 1")
     rng = random.Random(f"{seed}-{split}")
+    n_multi, n_no_fit = round(n * multi_step), round(n * no_fit)
     examples = []
-    for i in range(n):
+    for i in range(n - n_multi - n_no_fit):
         tool = TOOLS[i % len(TOOLS)]  # balanced over tools
         examples.append(make_example(tool, rng.choice(split_templates(tool, split)), rng, offered))
+    with_outcome = [t for t in TOOLS if t.name in OUTCOMES]
+    for i in range(n_multi):
+        tool = with_outcome[i % len(with_outcome)]
+        examples.append(make_multi_step(tool, rng.choice(split_templates(tool, split)), rng, offered))
+    for i in range(n_no_fit):
+        examples.append(make_no_fit(i, split, rng, offered))
     rng.shuffle(examples)
     return examples
 
 
 def preference_pairs(examples: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """DPO lines from generated examples: chosen = the right call, rejected = the same
-    arguments sent to another offered tool (the mistake a tuned model still makes)."""
+    """DPO lines from generated examples, the mistake a tuned model still makes as rejected:
+    a call: the same arguments sent to another offered tool; a no-fit request: a call
+    where text was right; a multi-step answer: calling the tool again instead of answering."""
     rng = random.Random(seed)
     pairs = []
     for example in examples:
-        call = json.loads(example["messages"][-1]["content"])
-        wrong = rng.choice([t["function"]["name"] for t in example["tools"] if t["function"]["name"] != call["name"]])
-        pairs.append({
-            "prompt": example["messages"][:-1],
-            "chosen": example["messages"][-1]["content"],
-            "rejected": json.dumps({"name": wrong, "arguments": call["arguments"]}, ensure_ascii=False),
-            "tools": example["tools"],
-        })
+        answer = example["messages"][-1]
+        names = [t["function"]["name"] for t in example["tools"]]
+        if answer.get("tool_calls"):
+            fn = answer["tool_calls"][0]["function"]
+            wrong = rng.choice([name for name in names if name != fn["name"]])
+            rejected = call_turn(wrong, json.loads(fn["arguments"]))
+        elif len(example["messages"]) > 2:  # multi-step: the call again
+            fn = example["messages"][-3]["tool_calls"][0]["function"]
+            rejected = call_turn(fn["name"], json.loads(fn["arguments"]), "call_1")
+        else:
+            picked = rng.choice(names)
+            tool = next(t for t in TOOLS if t.name == picked)
+            template = rng.choice(tool.templates)
+            rejected = call_turn(tool.name, _arguments(tool, template, rng)[1])
+        pairs.append({"prompt": example["messages"][:-1], "chosen": answer, "rejected": rejected, "tools": example["tools"]})
     return pairs
 
 
@@ -490,10 +741,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def write_dataset(out: Path, n_train: int, n_test: int, seed: int = 0, offered: int = 4) -> dict[str, Path]:
+def write_dataset(
+    out: Path, n_train: int, n_test: int, seed: int = 0, offered: int = 4,
+    multi_step: float = MULTI_STEP, no_fit: float = NO_FIT,
+) -> dict[str, Path]:
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
-    write_jsonl(paths["train"], generate("train", n_train, seed, offered))
-    write_jsonl(paths["test"], generate("test", n_test, seed, offered))
+    write_jsonl(paths["train"], generate("train", n_train, seed, offered, multi_step, no_fit))
+    write_jsonl(paths["test"], generate("test", n_test, seed, offered, multi_step, no_fit))
     return paths
 
 
@@ -505,8 +759,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=150, help="test examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--offered", type=int, default=4, help="tools offered per example (the right one included)")
+    parser.add_argument("--multi-step", type=float, default=MULTI_STEP,
+                        help=f"share of call, tool result, text answer examples [default: {MULTI_STEP}]")
+    parser.add_argument("--no-fit", type=float, default=NO_FIT,
+                        help=f"share of examples no offered tool fits (answer: text) [default: {NO_FIT}]")
     args = parser.parse_args(argv)
-    for split, path in write_dataset(args.out, args.train, args.test, args.seed, args.offered).items():
+    if args.multi_step < 0 or args.no_fit < 0 or args.multi_step + args.no_fit > 1:
+        parser.error("--multi-step and --no-fit are shares: each >= 0, together <= 1")
+    paths = write_dataset(args.out, args.train, args.test, args.seed, args.offered, args.multi_step, args.no_fit)
+    for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
 

@@ -1,11 +1,14 @@
-"""`tuneserve eval`: function-calling accuracy and general perplexity, base vs adapters."""
+"""`tuneserve eval`: function-calling accuracy and general perplexity, base vs adapters, in
+process or (function calling) through a running gateway."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from tuneserve.adapters.peft_format import is_adapter_dir
 from tuneserve.errors import ConfigError
@@ -16,8 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a base model and adapters (function calling, general perplexity)",
         description="Score the base model and each adapter side by side: tool-name accuracy, "
-        "per-argument exact match and JSON validity on a function-calling JSONL test set, and "
-        "perplexity on a general text set (forgetting). Prints a table and writes JSON. "
+        "per-argument exact match, call parse rate and no-call accuracy (text where no tool fits, "
+        "the answer after a tool result) on a function-calling JSONL test set, and perplexity on a "
+        "general text set (forgetting). With --base-url the same cases are answered by a running "
+        "gateway over the OpenAI API (tools, tool_choice auto, temperature 0) and scored the same way, "
+        "so the figure is the one the API delivers. Prints a table and writes JSON. "
         "Generate a test set with `python -m training.datagen.function_calling --out DIR`.",
     )
     parser.add_argument("--base", help="base model dir or hub id [default: the prepared model's hf dir]")
@@ -33,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="generation batch [default: 8]")
     parser.add_argument("--no-base", action="store_true", help="evaluate the adapters only")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads [default: all cores]")
+    gateway = parser.add_argument_group("through a running gateway (instead of in process)")
+    gateway.add_argument("--base-url", metavar="URL",
+                         help="the gateway (or any OpenAI-compatible server), e.g. http://127.0.0.1:8000 (/v1 optional)")
+    gateway.add_argument("--model", action="append", default=[], metavar="NAME",
+                         help="model to ask: the base model's id or a published adapter's name (repeatable)")
+    gateway.add_argument("--api-key", metavar="KEY", help="the tenant's API key [default: $OPENAI_API_KEY, else none]")
+    gateway.add_argument("--concurrency", type=int, default=4, help="requests in flight [default: 4]")
     parser.set_defaults(handler=run)
 
 
@@ -50,11 +63,46 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def _run_gateway(args: argparse.Namespace) -> dict[str, Any]:
+    from training.evaluate import evaluate_gateway
+
+    if not args.model:
+        raise ConfigError("--base-url: give --model NAME (the base model's id or an adapter's name)")
+    if not args.function_calling:
+        raise ConfigError("--base-url: give --function-calling FILE")
+    for flag, given in (("--general", args.general), ("--adapter", args.adapter), ("--base", args.base),
+                        ("--no-base", args.no_base), ("--threads", args.threads)):
+        if given:
+            raise ConfigError(f"{flag} is for in-process evaluation; not with --base-url")
+    if not args.function_calling.is_file():
+        raise ConfigError(f"--function-calling: {args.function_calling} does not exist")
+    if len(set(args.model)) != len(args.model):
+        raise ConfigError("--model: each name once")
+    try:
+        import openai as sdk
+    except ImportError:
+        raise ConfigError("--base-url needs the openai package (pip install openai)") from None
+
+    try:
+        return evaluate_gateway(
+            args.base_url, args.model, args.function_calling, args.api_key or os.environ.get("OPENAI_API_KEY"),
+            args.limit, args.max_new_tokens, args.concurrency,
+        )
+    except sdk.APIConnectionError as exc:
+        raise ConfigError(f"--base-url {args.base_url}: cannot connect ({exc})") from exc
+    except sdk.APIStatusError as exc:
+        raise ConfigError(f"--base-url {args.base_url}: the server answered {exc.status_code}: {exc.message}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, format_table
+    from training.evaluate import evaluate
     from training.model import resolve_base
     from tuneserve.config import load_settings
 
+    if args.base_url or args.model:
+        if not args.base_url:
+            raise ConfigError("--model needs --base-url (in process, evaluate adapters with --adapter)")
+        return _write(args, _run_gateway(args))
     if not (args.function_calling or args.general):
         raise ConfigError("nothing to evaluate: give --function-calling FILE and/or --general FILE")
     for flag, path in (("--function-calling", args.function_calling), ("--general", args.general)):
@@ -72,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         base, adapters, args.function_calling, args.general, args.limit,
         args.max_new_tokens, args.batch_size, include_base=not args.no_base,
     )
+    return _write(args, results)
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any]) -> int:
+    from training.evaluate import format_table
+
     print(format_table(results))
     if args.output:
         from tuneserve.fsutil import write_atomic
