@@ -8,6 +8,19 @@ from serving.engines.vllm import VLLMEngine
 from serving.engines.vllm_launcher import VLLMLauncher
 from tuneserve.config import Settings
 from tuneserve.models.chat_template import ChatTemplate
+from tuneserve.tool_calls.formats import COMPACT, ToolFormat, format_for_template
+
+
+def hf_chat_template(settings: Settings) -> ChatTemplate | None:
+    """The HF tokenizer's template: what vLLM renders with, so llama.cpp uses it too."""
+    hf_path = settings.resolved_hf_path()
+    return ChatTemplate.from_hf_dir(hf_path) if (hf_path / "tokenizer_config.json").is_file() else None
+
+
+def tool_format(settings: Settings) -> ToolFormat:
+    """The base model's tool protocol, read off its chat template (compact without one)."""
+    template = hf_chat_template(settings)
+    return format_for_template(template.source) if template is not None else COMPACT
 
 
 def build_engines(settings: Settings, observer: AdapterObserver | None = None) -> list[Engine]:
@@ -25,11 +38,14 @@ def build_engines(settings: Settings, observer: AdapterObserver | None = None) -
                 settings.model.max_model_len,
                 settings.data_dir / "logs" / "vllm.log",
             )
-        engines.append(VLLMEngine(cfg, settings.vllm_url(), settings.vllm_model_name(), launcher, observer))
+        engines.append(
+            VLLMEngine(
+                cfg, settings.vllm_url(), settings.vllm_model_name(), launcher, observer, template=hf_chat_template(settings)
+            )
+        )
     if settings.engines.llamacpp.enabled:
         cfg_l = settings.engines.llamacpp
-        # The HF tokenizer's template is what vLLM renders with; prefer it for parity.
-        template = ChatTemplate.from_hf_dir(hf_path) if (hf_path / "tokenizer_config.json").is_file() else None
+        template = hf_chat_template(settings)
         engines.append(
             LlamaCppEngine(
                 settings.resolved_gguf_path(),

@@ -17,7 +17,7 @@ from serving.api.models_routes import models_routes
 from serving.api.openapi_docs import document_generation_routes
 from serving.api.status_routes import status_routes
 from serving.auth import log_dev_mode_warning
-from serving.engine_factory import build_engines
+from serving.engine_factory import build_engines, tool_format
 from serving.engines.base import Engine
 from serving.metrics import GatewayMetrics
 from serving.router import Router
@@ -40,6 +40,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
         settings.model.name,
         settings.server.max_body_bytes,
         settings.server.request_timeout_s,
+        tool_format(settings),
     )
 
     app = FastAPI(title="tuneserve", version=__version__, lifespan=_lifespan(settings, engines, router))

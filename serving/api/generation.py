@@ -18,8 +18,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from serving.access import ADMIN_LABEL, Tenancy, to_ref
+from serving.api.chat_tools import ChatPlan, plan_chat
 from serving.api.parsing import parse_body, read_body
-from serving.api.responses import SSE_DONE, ResponseFormatter, sse
+from serving.api.responses import SSE_DONE, ChoiceOutput, ResponseFormatter, sse
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.engines.base import AdapterRef, GenerationRequest, TextDelta
 from serving.errors import ApiError, EngineFailed, RequestTimeout
@@ -27,6 +28,7 @@ from serving.limits import TenantSlot
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
 from tuneserve.adapters.registry import AdapterRecord
+from tuneserve.tool_calls.formats import ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ class GenerationService:
         served_model: str,
         max_body_bytes: int,
         timeout_s: float,
+        tool_format: ToolFormat,
     ) -> None:
+        self.tool_format = tool_format
         self.router = router
         self.metrics = metrics
         self.tenancy = tenancy
@@ -152,7 +156,7 @@ class GenerationService:
         send: Send,
         watch: HangUpWatch,
     ) -> None:
-        request = to_generation_request(body, to_ref(record) if record else None)
+        request, plan = to_generation_request(body, to_ref(record) if record else None, self.tool_format)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             # A non-streamed request may be generated whole inside open().
@@ -162,11 +166,17 @@ class GenerationService:
             raise self._timeout() from None
         timer.routed(routed.backend)
         formatter = ResponseFormatter(route.kind, request.request_id, body.model)
+        parsing = plan.parsing if plan is not None else None
+        wants_logprobs = request.params.logprobs is not None
+        choices = [
+            ChoiceOutput(i, route.kind, parsing.parser() if parsing else None, wants_logprobs)
+            for i in range(request.params.n)
+        ]
         headers = [(b"x-request-id", request.request_id.encode()), (b"x-tuneserve-backend", routed.backend.encode())]
         if body.stream:
-            await self._stream(routed, formatter, timer, slot, body.include_usage, deadline, send, headers, watch)
+            await self._stream(routed, formatter, choices, timer, slot, body.include_usage, deadline, send, headers, watch)
         else:
-            await self._respond_whole(routed, formatter, timer, slot, deadline, send, headers, watch)
+            await self._respond_whole(routed, formatter, choices, timer, slot, deadline, send, headers, watch)
 
     def _timeout(self) -> RequestTimeout:
         return RequestTimeout(f"Generation did not finish within {self.timeout_s:.0f}s.")
@@ -175,6 +185,7 @@ class GenerationService:
         self,
         routed: RoutedStream,
         formatter: ResponseFormatter,
+        choices: list[ChoiceOutput],
         timer: RequestTimer,
         slot: TenantSlot,
         deadline: float,
@@ -182,15 +193,16 @@ class GenerationService:
         headers: list[tuple[bytes, bytes]],
         watch: HangUpWatch,
     ) -> None:
-        parts: list[str] = []
-        finish, usage = "stop", None
+        usage = None
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in routed.events():
                     if isinstance(event, TextDelta):
                         timer.on_tokens(event.tokens, event.timed)
-                        parts.append(event.text)
-                        finish = event.finish_reason or finish
+                        choice = _choice_of(choices, event, routed.backend)
+                        choice.feed(event)
+                        if event.finish_reason is not None:
+                            choice.end(event.finish_reason)
                     else:
                         usage = event
         except TimeoutError:
@@ -199,7 +211,10 @@ class GenerationService:
             await routed.aclose()
         if usage is None:
             raise EngineFailed(f"{routed.backend} ended without usage")
-        payload = formatter.whole("".join(parts), finish, usage)
+        for choice in choices:
+            if choice.finish_reason is None:
+                choice.end("stop")
+        payload = formatter.whole(choices, usage)
         slot.release(usage.total_tokens)
         timer.finish(200, usage.prompt_tokens, usage.completion_tokens)
         watch.disarm()
@@ -209,6 +224,7 @@ class GenerationService:
         self,
         routed: RoutedStream,
         formatter: ResponseFormatter,
+        choices: list[ChoiceOutput],
         timer: RequestTimer,
         slot: TenantSlot,
         include_usage: bool,
@@ -220,24 +236,26 @@ class GenerationService:
         # Headers, the role chunk and the first text leave in one socket write: the
         # server's transport merges what is sent in one loop turn (http_protocol.py).
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
-        if formatter.kind == "chat":
-            await send({"type": "http.response.body", "body": formatter.chunk("", first=True), "more_body": True})
-        finish = "stop"
+        openings = [opening for c in choices if (opening := c.opening()) is not None]
+        if openings:
+            await send({"type": "http.response.body", "body": formatter.chunks(openings), "more_body": True})
         ended = False  # the client has its last byte
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in routed.events():
                     if isinstance(event, TextDelta):
                         timer.on_tokens(event.tokens, event.timed)
-                        finish = event.finish_reason or finish
-                        if event.text:
-                            chunk = formatter.chunk(event.text)
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        choice = _choice_of(choices, event, routed.backend)
+                        out = choice.feed(event)
+                        if event.finish_reason is not None:
+                            out += choice.end(event.finish_reason)
+                        if out:
+                            await send({"type": "http.response.body", "body": formatter.chunks(out), "more_body": True})
                     elif not ended:
                         # The Usage ends the answer: the client gets its end now, while
                         # the engine tidies up (vLLM's [DONE] and end of body follow).
                         ended = True
-                        tail = formatter.chunk("", finish_reason=finish)
+                        tail = formatter.chunks([end for c in choices if c.finish_reason is None for end in c.end("stop")])
                         if include_usage:
                             tail += formatter.usage_chunk(event)
                         slot.release(event.total_tokens)
@@ -285,23 +303,33 @@ class GenerationEndpoint:
         await self.service.serve(scope, receive, send, self.route)
 
 
+def _choice_of(choices: list[ChoiceOutput], event: TextDelta, backend: str) -> ChoiceOutput:
+    if not 0 <= event.choice < len(choices):
+        raise EngineFailed(f"{backend} answered choice {event.choice} of {len(choices)}")
+    return choices[event.choice]
+
+
 def to_generation_request(
-    body: ChatCompletionRequest | CompletionRequest, adapter: AdapterRef | None
-) -> GenerationRequest:
+    body: ChatCompletionRequest | CompletionRequest, adapter: AdapterRef | None, tool_format: ToolFormat
+) -> tuple[GenerationRequest, ChatPlan | None]:
     if isinstance(body, ChatCompletionRequest):
-        return GenerationRequest(
+        plan = plan_chat(body, tool_format)
+        request = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             kind="chat",
-            params=body.sampling(body.effective_max_tokens()),
-            messages=tuple(m.as_template_message() for m in body.messages),
+            params=body.sampling(body.effective_max_tokens(), body.logprobs_wanted(), plan.grammar),
+            messages=tuple(plan.rendered.messages),
+            tools=tuple(plan.rendered.tools or ()),
             adapter=adapter,
             stream=body.stream,
         )
-    return GenerationRequest(
+        return request, plan
+    request = GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         kind="completion",
-        params=body.sampling(body.max_tokens),
+        params=body.sampling(body.max_tokens, body.logprobs, None),
         prompt=body.prompt_text(),
         adapter=adapter,
         stream=body.stream,
     )
+    return request, None
