@@ -27,7 +27,7 @@ from training.datagen.function_calling import (
 from training.evaluate import CallCase, load_call_cases, parse_answers, score_calls
 from training.model import load_tokenizer
 from tuneserve.cli.main import main
-from tuneserve.tool_calls.formats import COMPACT
+from tuneserve.tool_calls.formats import COMPACT, HERMES
 from tuneserve.tool_calls.parse import ParsedOutput
 from tuneserve.tool_calls.render import call_text, tools_prompt, with_tools
 from tuneserve.tool_calls.spec import ToolCall
@@ -61,6 +61,19 @@ def multi_step(**call: Any) -> dict[str, Any]:
         ],
         "tools": [WEATHER, ALARM],
     }
+
+
+def trained_text(tokenizer: Any, encoded: D.Encoded) -> list[str]:
+    """Each run of trained tokens, decoded."""
+    runs: list[list[int]] = []
+    for i, label in enumerate(encoded.labels):
+        if label == D.IGNORE_INDEX:
+            continue
+        if i > 0 and encoded.labels[i - 1] != D.IGNORE_INDEX:
+            runs[-1].append(label)
+        else:
+            runs.append([label])
+    return [tokenizer.decode(run) for run in runs]
 
 
 @pytest.fixture(scope="module")
@@ -171,21 +184,35 @@ def test_loss_mask_covers_the_call_and_the_final_answer(tokenizer: Any, tmp_path
     write_jsonl(tmp_path / "d.jsonl", [multi_step()])
     (example,) = D.load_examples([tmp_path / "d.jsonl"])
     encoded = D.encode(tokenizer, example, max_length=512)
-    runs: list[list[int]] = []
-    for i, label in enumerate(encoded.labels):
-        if label == D.IGNORE_INDEX:
-            continue
-        if runs and i > 0 and encoded.labels[i - 1] != D.IGNORE_INDEX:
-            runs[-1].append(label)
-        else:
-            runs.append([label])
-    trained = [tokenizer.decode(run) for run in runs]
-    assert trained == [
+    assert trained_text(tokenizer, encoded) == [
         '{"name": "get_weather", "arguments": {"city": "Seoul"}}<|im_end|>\n',
         "It is 21°C and sunny in Seoul.<|im_end|>\n",
     ]
     untrained = tokenizer.decode([t for t, lab in zip(encoded.input_ids, encoded.labels) if lab == D.IGNORE_INDEX])
     assert "Weather in Seoul?" in untrained and '"condition": "sunny"' in untrained
+
+
+def test_a_hermes_template_renders_tools_itself_and_trains_the_tagged_calls(tmp_path: Path) -> None:
+    """A base whose template renders `tools` (tests/templates/hermes.jinja): the tools go to
+    the template, calls are <tool_call> blocks, results <tool_response> blocks; the loss
+    covers the call block and the final answer."""
+    hermes = load_tokenizer(str(HF_DIR))
+    hermes.chat_template = (Path(__file__).parent / "templates" / "hermes.jinja").read_text()
+    assert D.tool_format(hermes) is HERMES
+    write_jsonl(tmp_path / "d.jsonl", [multi_step()])
+    (example,) = D.load_examples([tmp_path / "d.jsonl"])
+    text = D.render(hermes, example.messages, example.tools)
+    assert "<tools>\n" + json.dumps(WEATHER, ensure_ascii=False) in text
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call><|im_end|>' in text
+    assert '<|im_start|>user\n<tool_response>\n{"temperature": 21, "condition": "sunny"}\n</tool_response><|im_end|>' in text
+    assert trained_text(hermes, D.encode(hermes, example, max_length=1024)) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call><|im_end|>\n',
+        "It is 21°C and sunny in Seoul.<|im_end|>\n",
+    ]
+    # Eval reads the model's tagged call with the same parser the gateway uses.
+    case = load_call_cases(tmp_path / "d.jsonl")[0]
+    (parsed,) = parse_answers(HERMES, [case], ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'])
+    assert [(c.name, c.arguments_value()) for c in parsed.calls] == [("get_weather", {"city": "Seoul"})]
 
 
 def test_dpo_lines_take_calls_and_tool_results(tmp_path: Path) -> None:
