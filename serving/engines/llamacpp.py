@@ -26,12 +26,16 @@ from serving.engines.base import (
     GenerationRequest,
     NullAdapterObserver,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
+from serving.engines.chat_prompt import render_chat
 from serving.engines.llamacpp_adapters import LlamaAdapterCache
+from serving.engines.llamacpp_grammar import GrammarSupport, Vocabulary, token_piece
+from serving.engines.llamacpp_sampling import StepShaper
 from serving.errors import ApiError, EngineFailed, InvalidRequest, QueueFull
 from tuneserve.gguf.llama_loader import ExtraBufferTypes, file_type_name, llama_runtime, load_llama
-from tuneserve.models.chat_template import ChatTemplate, ChatTemplateError
+from tuneserve.models.chat_template import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +111,8 @@ class StopMatcher:
 def prompt_tokens(llama: Any, template: ChatTemplate, request: GenerationRequest) -> list[int]:
     """Token ids of a request's prompt, as vLLM would compute them for the same request."""
     if request.kind == "chat":
-        try:
-            text = template.render(request.messages)
-        except ChatTemplateError as exc:
-            raise InvalidRequest(f"messages rejected by the chat template: {exc}", param="messages") from exc
         # The template writes special tokens itself; vLLM's chat path adds none either.
-        return llama.tokenize(text.encode(), add_bos=False, special=True)
+        return llama.tokenize(render_chat(template, request).encode(), add_bos=False, special=True)
     return llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
 
 
@@ -127,11 +127,13 @@ class _Worker:
         jobs: "queue.Queue[Any]",
         adapters: LlamaAdapterCache,
         forgotten: "ForgetList",
+        grammars: GrammarSupport,
     ) -> None:
         self.index = index
         self.busy = False
         self.adapters = adapters
         self.forgotten = forgotten
+        self.grammars = grammars
         self._forgotten_seen = 0
         self.llama = llama
         self.template = template
@@ -166,8 +168,6 @@ class _Worker:
             self.adapters.forget(names)
 
     def _generate(self, job: _Job) -> None:
-        import llama_cpp
-
         llama = self.llama
         request = job.request
         params = request.params
@@ -193,15 +193,56 @@ class _Worker:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        n_vocab = llama.n_vocab()
+        for token, _ in params.logit_bias:
+            if not 0 <= token < n_vocab:
+                raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary (0..{n_vocab - 1})", param="logit_bias")
+        grammar = params.grammar
+        grammars = self.grammars.cache(llama) if grammar is not None else None
+        if grammars is not None and grammar is not None:
+            grammars.get(grammar)  # compiled before any output: a bad grammar is a 400
+        vocabulary = self.grammars.vocabulary(llama) if params.logprobs is not None else None
         max_tokens = params.max_tokens or budget
-        _evaluate_all_but_last(llama, tokens)
+        completion = 0
+        # n choices one after another; each replays only the prompt's last token.
+        for index in range(params.n):
+            shaper = None
+            if grammars is not None or params.logit_bias or params.logprobs is not None:
+                constraint = grammars.constraint(grammar) if grammars is not None and grammar is not None else None
+                shaper = StepShaper(constraint, params.logit_bias, params.logprobs)
+            seed = None if params.seed is None else params.seed + index
+            done = self._choice(job, tokens, index, seed, max_tokens, shaper, vocabulary)
+            if done is None:
+                return  # cancelled: the request is gone, nothing more to send
+            completion += done
+        job.emit(Usage(prompt_tokens=len(tokens), completion_tokens=completion))
 
-        llama.set_seed(_RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+    def _choice(
+        self,
+        job: _Job,
+        tokens: list[int],
+        index: int,
+        seed: int | None,
+        max_tokens: int,
+        shaper: StepShaper | None,
+        vocabulary: Vocabulary | None,
+    ) -> int | None:
+        """Generate one choice; its completion tokens, or None when cancelled."""
+        import llama_cpp
+
+        llama = self.llama
+        params = job.request.params
+        _evaluate_all_but_last(llama, tokens)
+        llama.set_seed(_RANDOM_SEED if seed is None else seed & 0xFFFFFFFF)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
+        constraint = shaper.constraint if shaper is not None else None
+        vocab = llama._model.vocab
         completion = 0
         finish = "length"
         hit_stop = False
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
+        unsent = 0  # tokens since the last delta
         # Sampling chain matched to vLLM's defaults: no top-k, min-p or repeat penalty.
         for token in llama.generate(
             tokens,
@@ -212,26 +253,37 @@ class _Worker:
             repeat_penalty=1.0,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
+            logits_processor=[shaper] if shaper is not None else None,
         ):
             if job.cancelled.is_set():
-                finish = "cancelled"
+                return None
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
                 break
-            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+            if constraint is not None and not constraint.accept(token):
+                # Cannot happen with the mask applied; end the choice rather than go off-grammar.
+                log.warning("grammar rejected sampled token %d in %s", token, job.request.request_id)
                 finish = "stop"
                 break
             completion += 1
-            text, hit = stops.feed(decoder.decode(llama.detokenize([token], special=False)))
+            unsent += 1
+            if shaper is not None and vocabulary is not None:
+                pending.append(shaper.logprob(token, vocabulary))
+            text, hit = stops.feed(decoder.decode(token_piece(vocab, token, special=False)))
             if text:
-                job.emit(TextDelta(text))
+                job.emit(TextDelta(text, choice=index, logprobs=tuple(pending), tokens=unsent))
+                pending, unsent = [], 0
             if hit:
                 finish, hit_stop = "stop", True
                 break
+            if constraint is not None and constraint.is_terminated():
+                finish = "stop"
+                break
             if completion >= max_tokens:
                 break
-        if finish != "cancelled":
-            tail = "" if hit_stop else stops.flush() + decoder.decode(b"", final=True)
-            job.emit(TextDelta(tail, finish_reason=finish, tokens=0))
-            job.emit(Usage(prompt_tokens=len(tokens), completion_tokens=completion))
+        tail = "" if hit_stop else stops.flush() + decoder.decode(b"", final=True)
+        job.emit(TextDelta(tail, finish_reason=finish, choice=index, logprobs=tuple(pending), tokens=unsent))
+        return completion
 
 
 class ForgetList:
@@ -265,6 +317,7 @@ class LlamaCppEngine(Engine):
         max_loras: int = 8,
         observer: AdapterObserver | None = None,
         extra_buffer_types: ExtraBufferTypes = "auto",
+        warm_grammars: bool = False,
     ) -> None:
         self.gguf_path = gguf_path
         self.extra_buffer_types = extra_buffer_types
@@ -278,6 +331,11 @@ class LlamaCppEngine(Engine):
         self.max_loras = max_loras
         self.observer = observer or NullAdapterObserver()
         self._forgotten = ForgetList()
+        # The vocabulary and compiled output grammars: one GGUF, shared by the workers.
+        self._grammars = GrammarSupport()
+        # xgrammar imports torch (seconds, and up to ~1 s of event-loop stall): by default
+        # on the first request with a grammar, or at start when asked.
+        self.warm_grammars = warm_grammars
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._workers: list[_Worker] = []
         self._in_engine = 0
@@ -307,9 +365,11 @@ class LlamaCppEngine(Engine):
                 tokens = [llama.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llama.n_vocab())]
                 self.template = ChatTemplate.from_gguf_metadata(llama.metadata, tokens)
             adapters = LlamaAdapterCache(llama, self.max_loras, self.observer)
-            worker = _Worker(index, llama, self.template, self._jobs, adapters, self._forgotten)
+            worker = _Worker(index, llama, self.template, self._jobs, adapters, self._forgotten, self._grammars)
             worker.thread.start()
             self._workers.append(worker)
+        if self.warm_grammars and self._workers:
+            await asyncio.to_thread(self._grammars.cache, self._workers[0].llama)
         log.info("llama.cpp ready: %s, %d worker(s) x %d threads", self.gguf_path, self.n_workers, self.n_threads)
 
     async def stop(self) -> None:
