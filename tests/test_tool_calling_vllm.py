@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -100,7 +101,7 @@ def test_structured_output_agrees_across_engines(vllm_gw: ServerProcess, llama_g
             messages=[{"role": "user", "content": "Describe Paris as JSON: name, country, population."}],
             response_format=City,
             temperature=0,
-            max_tokens=80,
+            max_tokens=120,
         )
         parsed.append(completion.choices[0].message.parsed)
     assert isinstance(parsed[0], City) and parsed[0] == parsed[1]
@@ -119,3 +120,58 @@ def test_fallback_keeps_tool_behaviour(data_dir: Path, adapter: str) -> None:
         assert _calls(r.parse().choices[0].message)[0][0] == "get_weather"
     finally:
         server.stop()
+
+
+HISTORY: Any = {
+    "model": MODEL,
+    "tools": [WEATHER, TIME],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21}'},
+        {"role": "assistant", "content": "It is 21 °C in Paris."},
+        {"role": "user", "content": "And the time there?"},
+    ],
+}
+
+
+def test_same_prompt_tokens_through_training_llama_cpp_and_vllm(vllm: ServerProcess) -> None:
+    """One rendering: training's renderer, the gateway's request on llama.cpp and on vLLM."""
+    from transformers import AutoTokenizer
+
+    from serving.api.generation import to_generation_request
+    from serving.api.schemas import ChatCompletionRequest
+    from serving.engines.chat_prompt import render_chat
+    from serving.engines.llamacpp import prompt_tokens
+    from serving.engines.vllm import renders_here
+    from training.data import parse_sft, prompt_text
+    from tuneserve.gguf.llama_loader import load_llama
+    from tuneserve.models.chat_template import ChatTemplate
+    from tuneserve.tool_calls.formats import format_for_template
+
+    template = ChatTemplate.from_hf_dir(MODEL_DIR / "hf")
+    body = ChatCompletionRequest.model_validate(HISTORY)
+    request, _ = to_generation_request(body, None, format_for_template(template.source))
+
+    llama = load_llama(MODEL_DIR / "model.gguf", vocab_only=True)
+    on_llama = prompt_tokens(llama, template, request)
+
+    assert renders_here(request)  # tool turns: the vLLM engine sends the rendered prompt
+    on_vllm = httpx.post(
+        vllm.base_url + "/tokenize",
+        json={"model": MODEL, "prompt": render_chat(template, request), "add_special_tokens": False},
+        timeout=30,
+    ).json()["tokens"]
+
+    # Training data in the same OpenAI shape, answer appended: its prompt is everything before.
+    example = parse_sft({"messages": [*HISTORY["messages"], {"role": "assistant", "content": "Noon."}],
+                         "tools": HISTORY["tools"]}, "test:1")
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR / "hf")
+    text = prompt_text(tokenizer, example.messages[:-1], example.tools)
+    in_training = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert on_llama == on_vllm == in_training
+    assert "get_time(timezone: string)" in text and '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
