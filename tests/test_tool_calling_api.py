@@ -179,6 +179,9 @@ BAD_TOOL_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}}},
      "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}},
+     "response_format.json_schema.schema"),  # xgrammar cannot compile a lookbehind
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -76,20 +76,24 @@ def plan_chat(body: ChatCompletionRequest, fmt: ToolFormat) -> ChatPlan:
     try:
         if isinstance(choice, NamedToolChoice):
             param = "tool_choice"
-            named = [t for t in tools if t.name == choice.function.name]
-            grammar = call_grammar(fmt, named, parallel=False)
+            [at] = [i for i, t in enumerate(tools) if t.name == choice.function.name]
+            grammar = call_grammar(fmt, [tools[at]], parallel=False, params=[f"tools.{at}.function.parameters"])
         elif calling and choice == "required":
-            grammar = call_grammar(fmt, tools, parallel)
+            params = [f"tools.{i}.function.parameters" for i in range(len(tools))]
+            grammar = call_grammar(fmt, tools, parallel, params=params)
         elif body.response_format is not None and body.response_format.type == "json_object":
             param = "response_format"
             grammar = json_object_grammar()
         elif body.response_format is not None and body.response_format.type == "json_schema":
             param = "response_format.json_schema.schema"
-            grammar = json_schema_grammar(body.response_format.json_schema.json_schema, param)
+            schema = body.response_format.json_schema.json_schema
+            _check_schema(schema, param)
+            grammar = json_schema_grammar(schema, param)
         if grammar is not None:
             check_compiles(grammar, param)
     except GrammarError as exc:
-        raise InvalidRequest(f"Invalid value for '{exc.param or param}': {exc}", param=exc.param or param) from exc
+        # The message names the field already ("<param>: what").
+        raise InvalidRequest(f"Invalid value: {exc}", param=exc.param or param) from exc
     parsing = None
     if calling:
         names = frozenset([choice.function.name] if isinstance(choice, NamedToolChoice) else [t.name for t in tools])
@@ -111,8 +115,6 @@ def _tools(body: ChatCompletionRequest) -> list[ToolSpec]:
         parameters = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
         _check_schema(parameters, f"tools.{i}.function.parameters", object_root=True)
         tools.append(ToolSpec(fn.name, fn.description or "", parameters, bool(fn.strict)))
-    if body.response_format is not None and body.response_format.type == "json_schema":
-        _check_schema(body.response_format.json_schema.json_schema, "response_format.json_schema.schema")
     return tools
 
 
@@ -120,7 +122,7 @@ def _check_schema(schema: dict[str, Any], param: str, object_root: bool = False)
     try:
         check_schema(schema, param, object_root=object_root)
     except UnsupportedSchema as exc:
-        raise InvalidRequest(f"Invalid schema for '{exc.param}': {exc}", param=exc.param) from exc
+        raise InvalidRequest(f"Invalid schema: {exc}", param=exc.param) from exc
 
 
 def _missing(param: str) -> InvalidRequest:
