@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import xgrammar as xgr
 
-from serving.engines.base import Engine, GenerationRequest, SamplingParams, TextDelta, TokenLogprob, Usage
+from serving.engines.base import Engine, GenerationRequest, SamplingParams, TokenLogprob, Usage
 from serving.engines.llamacpp import LlamaCppEngine
 from serving.errors import InvalidRequest
 from tests.support.servers import DATA_DIR, MODEL

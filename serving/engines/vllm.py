@@ -25,18 +25,46 @@ from serving.engines.base import (
     GenerationRequest,
     NullAdapterObserver,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
+from serving.engines.chat_prompt import render_chat
 from serving.engines.vllm_adapters import VLLMAdapterManager
 from serving.engines.vllm_launcher import VLLMLauncher
 from serving.errors import EngineFailed, EngineUnavailable, InvalidRequest
 from serving.resilience import CircuitBreaker
 from tuneserve.config import VLLMConfig
+from tuneserve.models.chat_template import ChatTemplate
 
 log = logging.getLogger(__name__)
 
 
-def request_body(request: GenerationRequest, model: str, stream: bool = True) -> dict[str, Any]:
+# vLLM refuses more top logprobs than its --max-logprobs (default 20).
+_MAX_LOGPROBS = 20
+
+
+def renders_here(request: GenerationRequest) -> bool:
+    """Whether the gateway renders this chat request's prompt itself (tools in the template).
+
+    vLLM's chat endpoint would render `tools` and assistant `tool_calls` differently from
+    our ChatTemplate.render: it passes each tool through its pydantic model (a missing
+    `description` becomes `null`, keys in the model's order, `strict` dropped) and turns
+    every call's `arguments` string into a dict (renderers/chat_utils.py
+    _postprocess_messages), all before the template's `tojson`. So those requests are
+    rendered here with the very template llama.cpp uses and sent to /v1/completions
+    (`add_special_tokens: false`, as vLLM's chat path tokenizes a rendered chat): the
+    same prompt tokens on both engines by construction, and vLLM parses no tool calls.
+    """
+    if request.kind != "chat":
+        return False
+    return bool(request.tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in request.messages)
+
+
+def request_body(
+    request: GenerationRequest, model: str, stream: bool = True, prompt: str | None = None
+) -> dict[str, Any]:
+    """vLLM's request body; `prompt` (a chat rendered here) makes it a completions request."""
     p = request.params
     body: dict[str, Any] = {
         "model": model,
@@ -54,11 +82,72 @@ def request_body(request: GenerationRequest, model: str, stream: bool = True) ->
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
-    if request.kind == "chat":
+    if p.n != 1:
+        body["n"] = p.n
+    if p.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if p.grammar is not None:
+        # xgrammar EBNF; the launcher pins vLLM's backend to xgrammar, as llama.cpp uses.
+        body["structured_outputs"] = {"grammar": p.grammar}
+    chat_wire = request.kind == "chat" and prompt is None
+    if p.logprobs is not None:
+        if chat_wire:
+            # vLLM's chat answer lists the sampled token then the best others, cut at
+            # top_logprobs: one more, sorted and cut here, is the true top k.
+            body["logprobs"] = True
+            body["top_logprobs"] = min(p.logprobs + 1, _MAX_LOGPROBS) if p.logprobs else 0
+        else:
+            body["logprobs"] = p.logprobs  # completions: sampled + top k already
+    if chat_wire:
         body["messages"] = list(request.messages)
+        if request.tools:
+            # Only without a template of our own (see renders_here): vLLM renders the
+            # tools itself, and tool_choice "none" keeps it from parsing calls.
+            body["tools"] = list(request.tools)
+            body["tool_choice"] = "none"
+    elif prompt is not None:
+        body["prompt"] = prompt
+        body["add_special_tokens"] = False
     else:
         body["prompt"] = request.prompt
     return body
+
+
+def _top(entries: list[tuple[str, float, tuple[int, ...]]], k: int | None) -> tuple[TopLogprob, ...]:
+    ranked = sorted(entries, key=lambda e: -e[1])
+    return tuple(TopLogprob(t, lp, b) for t, lp, b in ranked[: k if k is not None else len(ranked)])
+
+
+def _bytes_of(entry: dict[str, Any]) -> tuple[int, ...]:
+    raw = entry.get("bytes")
+    return tuple(raw) if raw is not None else tuple(str(entry.get("token", "")).encode())
+
+
+def parse_logprobs(choice: dict[str, Any], wire: str, k: int | None) -> tuple[TokenLogprob, ...]:
+    """One choice's logprobs (whole or one chunk's) from vLLM's chat or completions form."""
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return ()
+    if wire == "chat":
+        return tuple(
+            TokenLogprob(
+                e["token"],
+                float(e["logprob"]),
+                _bytes_of(e),
+                _top([(t["token"], float(t["logprob"]), _bytes_of(t)) for t in e.get("top_logprobs") or ()], k),
+            )
+            for e in logprobs.get("content") or ()
+        )
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    out = []
+    for i, token in enumerate(tokens):
+        value = values[i] if i < len(values) and values[i] is not None else -9999.0
+        alternatives = tops[i] if i < len(tops) and tops[i] else {}
+        top = _top([(t, float(lp), tuple(t.encode())) for t, lp in alternatives.items()], k)
+        out.append(TokenLogprob(token, float(value), tuple(token.encode()), top))
+    return tuple(out)
 
 
 async def _sse_lines(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
@@ -97,8 +186,12 @@ class VLLMEngine(Engine):
         model: str,
         launcher: VLLMLauncher | None = None,
         observer: AdapterObserver | None = None,
+        template: ChatTemplate | None = None,
     ) -> None:
         self.config = config
+        # The chat template llama.cpp renders with: chat requests with tools are rendered
+        # here (renders_here) so both engines see the same prompt.
+        self.template = template
         self.url = url
         self.adapters = VLLMAdapterManager(self._live_session, config.max_cpu_loras, observer or NullAdapterObserver())
         self.model = model
@@ -217,13 +310,16 @@ class VLLMEngine(Engine):
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         assert self._session is not None
-        path = "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
         stream = request.stream or self.config.always_stream
+        prompt = render_chat(self.template, request) if self.template is not None and renders_here(request) else None
+        wire = "chat" if request.kind == "chat" and prompt is None else "completion"
+        path = "/v1/chat/completions" if wire == "chat" else "/v1/completions"
+        k = request.params.logprobs
         try:
             model = request.adapter.engine_name if request.adapter else self.model
             response = await self._session.post(
                 path,
-                json=request_body(request, model, stream),
+                json=request_body(request, model, stream, prompt),
                 # A whole answer's headers come only when generation ends.
                 timeout=self._first_byte_timeout if stream else self._whole_answer_timeout,
             )
@@ -235,7 +331,7 @@ class VLLMEngine(Engine):
             raise EngineUnavailable("connect_error", type(exc).__name__) from exc
         try:
             await self._check_status(response)
-            events = sse_events(response.content, request.kind) if stream else self._whole(response, request.kind)
+            events = sse_events(response.content, wire, k) if stream else self._whole(response, wire, k)
             async for event in events:
                 yield event
         finally:
@@ -252,37 +348,48 @@ class VLLMEngine(Engine):
             # vLLM validated the request and refused it: the client must fix it.
             raise InvalidRequest(message, param=param)
 
-    async def _whole(self, response: aiohttp.ClientResponse, kind: str) -> AsyncIterator[GenerationEvent]:
+    async def _whole(self, response: aiohttp.ClientResponse, wire: str, k: int | None) -> AsyncIterator[GenerationEvent]:
         # Nothing has reached the client yet, so any failure here can still fall back.
         try:
             payload = json.loads(await response.read())
-            choice = payload["choices"][0]
-            text = (choice.get("message") or {}).get("content") if kind == "chat" else choice.get("text")
             u = payload["usage"]
             usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+            deltas: list[TextDelta] = []
+            for choice in sorted(payload["choices"], key=lambda c: c.get("index", 0)):
+                text = (choice.get("message") or {}).get("content") if wire == "chat" else choice.get("text")
+                deltas.append(
+                    TextDelta(
+                        text or "",
+                        finish_reason=choice.get("finish_reason") or "stop",
+                        choice=int(choice.get("index", 0)),
+                        logprobs=parse_logprobs(choice, wire, k),
+                        # The answer's tokens, counted once (on the first choice).
+                        tokens=0 if deltas else usage.completion_tokens,
+                        timed=False,
+                    )
+                )
         except asyncio.TimeoutError as exc:
             raise EngineUnavailable("timeout", "no whole answer in time") from exc
         except aiohttp.ClientError as exc:
             raise EngineUnavailable("connect_error", f"answer broke: {type(exc).__name__}") from exc
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise EngineUnavailable("upstream_5xx", f"malformed answer: {type(exc).__name__}") from exc
-        yield TextDelta(
-            text or "",
-            finish_reason=choice.get("finish_reason") or "stop",
-            tokens=usage.completion_tokens,
-            timed=False,
-        )
+        if not deltas:
+            raise EngineUnavailable("upstream_5xx", "malformed answer: no choices")
+        for delta in deltas:
+            yield delta
         yield usage
 
 
-async def sse_events(content: aiohttp.StreamReader, kind: str) -> AsyncIterator[GenerationEvent]:
+async def sse_events(content: aiohttp.StreamReader, kind: str, top_logprobs: int | None = None) -> AsyncIterator[GenerationEvent]:
     """The events of a vLLM SSE body (de-chunked): text deltas, then the usage.
 
-    The answer ends at vLLM's usage event; reading on to the end of the body (which
-    returns the connection to the pool) happens after the usage is yielded.
+    `kind` is the endpoint's ("chat" or "completion"). Each choice's finish comes after
+    the usage, in choice order. The answer ends at vLLM's usage event; reading on to the
+    end of the body (which returns the connection to the pool) happens after it.
     """
     started = False
-    finish_reason: str | None = None
+    finishes: dict[int, str | None] = {}
     usage: Usage | None = None
     lines = _sse_lines(content)
     try:
@@ -294,16 +401,25 @@ async def sse_events(content: aiohttp.StreamReader, kind: str) -> AsyncIterator[
                 continue
             chunk = json.loads(data)
             if "error" in chunk:
-                message, _ = _error_message(data)
+                message, param = _error_message(data)
+                error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                if not started and (error.get("code") == 400 or "BadRequest" in str(error.get("type", ""))):
+                    # Refused before any output (a grammar vLLM could not compile is
+                    # reported in the stream): the client's error, as a 400 would be.
+                    raise InvalidRequest(message, param=param)
                 raise EngineFailed(f"vLLM error: {message}")
             choices = chunk.get("choices")
             for choice in choices or ():
+                index = int(choice.get("index", 0))
                 text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
                 if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                if text:
+                    finishes[index] = choice["finish_reason"]
+                else:
+                    finishes.setdefault(index, None)
+                logprobs = parse_logprobs(choice, kind, top_logprobs) if top_logprobs is not None else ()
+                if text or logprobs:
                     started = True
-                    yield TextDelta(text)
+                    yield TextDelta(text or "", choice=index, logprobs=logprobs, tokens=max(1, len(logprobs)))
             if chunk.get("usage"):
                 u = chunk["usage"]
                 usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
@@ -321,7 +437,8 @@ async def sse_events(content: aiohttp.StreamReader, kind: str) -> AsyncIterator[
         if not started:
             raise EngineUnavailable("upstream_5xx", "stream ended without usage")
         raise EngineFailed("vLLM stream ended early")
-    yield TextDelta("", finish_reason=finish_reason or "stop", tokens=0)
+    for index in sorted(finishes) or [0]:
+        yield TextDelta("", finish_reason=finishes.get(index) or "stop", choice=index, tokens=0)
     yield usage
     await _drain(content)
 

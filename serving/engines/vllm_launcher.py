@@ -76,6 +76,11 @@ def vllm_command(vllm: VLLMConfig, model_path: Path, served_name: str, max_model
         # Sampling defaults come from the request, as on llama.cpp, not generation_config.json.
         "--generation-config",
         "vllm",
+        # Output grammars (structured_outputs.grammar) through xgrammar only, never
+        # "auto"'s fallback to guidance: llama.cpp compiles the same text with xgrammar,
+        # so a grammar means, and fails, the same on both engines.
+        "--structured-outputs-config",
+        '{"backend": "xgrammar"}',
         *lora,
         *config.extra_args,
     ]
