@@ -95,14 +95,28 @@ class _ForcedChoice:
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=create))
 
 
+def _strict(schema: Any) -> Any:
+    """The schema as the call grammar enforces it (xgrammar strict mode): objects with
+    `properties` and no `additionalProperties` take no other properties."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def _parses(case: Any, calls: list[dict[str, Any]]) -> tuple[bool, str]:
     """Calls parse: at least one, each to an offered tool, arguments valid JSON matching the
-    tool's schema. `calls`: OpenAI tool_calls, or their `function` parts."""
+    tool's schema as the grammar enforces it (_strict). `calls`: OpenAI tool_calls, or
+    their `function` parts."""
     import jsonschema
 
     if not calls:
         return False, "no tool_calls"
-    schemas = {t.name: t.parameters for t in case.tools or ()}
+    schemas = {t.name: _strict(t.parameters) for t in case.tools or ()}
     for call in calls:
         function = call.get("function", call)
         name = function["name"]
