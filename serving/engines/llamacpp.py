@@ -317,7 +317,6 @@ class LlamaCppEngine(Engine):
         max_loras: int = 8,
         observer: AdapterObserver | None = None,
         extra_buffer_types: ExtraBufferTypes = "auto",
-        warm_grammars: bool = False,
     ) -> None:
         self.gguf_path = gguf_path
         self.extra_buffer_types = extra_buffer_types
@@ -333,9 +332,6 @@ class LlamaCppEngine(Engine):
         self._forgotten = ForgetList()
         # The vocabulary and compiled output grammars: one GGUF, shared by the workers.
         self._grammars = GrammarSupport()
-        # xgrammar imports torch (seconds, and up to ~1 s of event-loop stall): by default
-        # on the first request with a grammar, or at start when asked.
-        self.warm_grammars = warm_grammars
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._workers: list[_Worker] = []
         self._in_engine = 0
@@ -368,8 +364,6 @@ class LlamaCppEngine(Engine):
             worker = _Worker(index, llama, self.template, self._jobs, adapters, self._forgotten, self._grammars)
             worker.thread.start()
             self._workers.append(worker)
-        if self.warm_grammars and self._workers:
-            await asyncio.to_thread(self._grammars.cache, self._workers[0].llama)
         log.info("llama.cpp ready: %s, %d worker(s) x %d threads", self.gguf_path, self.n_workers, self.n_threads)
 
     async def stop(self) -> None:

@@ -15,7 +15,9 @@ grammar means the same on both engines and fails to compile on both alike.
 - `GrammarConstraint` is one choice's matcher: `mask` sets the logits of tokens the
   grammar forbids to -inf (from xgrammar's bitmask, as numpy), `accept` advances it.
 
-xgrammar imports torch, so it is imported on the first grammar request, not at start.
+The vocabulary and the compiler are built on the first request that needs them, in its
+worker thread (~0.2 s); xgrammar itself is already loaded by the gateway at start
+(tuneserve/tool_calls/grammar.py builds every request's grammar with it).
 """
 
 from __future__ import annotations
