@@ -82,7 +82,7 @@ def test_cancel_running_job(merge_work, full_models, tmp_path):
     row = _wait_for(data_dir / "tuneserve.db", "SELECT id FROM jobs WHERE status = 'running'")
     cli("jobs", "cancel", row["id"], data_dir=data_dir)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2 and "cancelled" in stderr
+    assert process.returncode == 2 and "cancelled" in stderr, stderr
     shown = job_of(cli("jobs", "show", row["id"], data_dir=data_dir))
     assert shown["status"] == "cancelled" and "cancelled" in shown["log"] + (shown["error"] or "")
     assert not out.exists() and not list(tmp_path.glob(".merged.tmp-*"))
@@ -179,3 +179,70 @@ def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(tmp_path, monkeypatc
     # The process is left as it was: its own SIGTERM handler, the signal not blocked.
     assert signal.getsignal(signal.SIGTERM) == handler_before
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def _sleep_through_signal(seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_cancel_that_library_code_rewraps_is_still_a_cancel(tmp_path):
+    """Library code may catch the runner's interruption and raise its own exception
+    instead (a bare `except:` that re-raises as RuntimeError). The job still ends
+    cancelled, with a JobError, and the log keeps what the library raised."""
+    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+
+    def wrapping_work(ctx) -> list[str]:
+        try:
+            jobs.request_cancel(job_id)  # flags the row and SIGTERMs this very process
+            _sleep_through_signal()
+        except BaseException as exc:
+            raise RuntimeError("tensor loader failed") from exc
+        return ["never"]
+
+    with pytest.raises(JobError, match="cancelled; nothing was published"):
+        run_job(jobs, job_id, wrapping_work)
+    record = jobs.get(job_id)
+    assert record.status is JobStatus.cancelled and record.outputs == []
+    assert "after SIGTERM: RuntimeError: tensor loader failed" in record.log
+
+
+def test_second_sigterm_while_recording_the_cancel(tmp_path, monkeypatch):
+    """A SIGTERM repeated while the first is being recorded (an impatient operator, a
+    pod's stop) cannot cut the recording short or escape as a raw signal."""
+    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+    finished = JobStore.mark_finished
+
+    def signal_again_then_finish(self: JobStore, job: str, *args, **kwargs) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, mid-recording
+        finished(self, job, *args, **kwargs)
+
+    def work(ctx) -> list[str]:
+        monkeypatch.setattr(JobStore, "mark_finished", signal_again_then_finish)
+        jobs.request_cancel(job_id)
+        _sleep_through_signal()
+        return ["never"]
+
+    with pytest.raises(JobError, match="cancelled"):
+        run_job(jobs, job_id, work)
+    assert jobs.get(job_id).status is JobStatus.cancelled
+
+
+def test_sigterm_without_a_cancel_fails_the_job(tmp_path):
+    """A SIGTERM that is no cancel (the host shutting down) fails the job, saying so."""
+    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+
+    def work(ctx) -> list[str]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _sleep_through_signal()
+        return ["never"]
+
+    with pytest.raises(JobError, match="interrupted by SIGTERM"):
+        run_job(jobs, job_id, work)
+    record = jobs.get(job_id)
+    assert record.status is JobStatus.failed and "interrupted by SIGTERM" in (record.error or "")

@@ -105,15 +105,16 @@ def run_job(
     # set here cannot hold a cancel back. The handler itself waits instead: until the
     # `try` below is armed, a SIGTERM is only remembered (a cancel sent the moment the
     # row says "running" used to escape as a raw _Signalled, or kill a loaded machine's
-    # run between `mark_running` and the `try`).
-    armed = False
-    pending: list[int] = []
+    # run between `mark_running` and the `try`). Every SIGTERM is remembered, armed or
+    # not: library code may turn the _Signalled it was interrupted by into an exception
+    # of its own, and the job must still end as the cancel it was.
+    signals = _SignalState()
 
     def on_sigterm(signum: int, _frame: Any) -> None:
-        if not armed:
-            pending.append(signum)
-            return
-        raise _Signalled(signum)
+        signals.received.append(signum)
+        if signals.armed:
+            signals.armed = False  # one interruption per run: the recording below must finish
+            raise _Signalled(signum)
 
     beat = threading.Thread(target=heartbeat, name=f"job-{job_id}-heartbeat", daemon=True)
     in_main = threading.current_thread() is threading.main_thread()
@@ -128,31 +129,23 @@ def run_job(
     handler = _JobLogHandler(jobs, job_id)
     root = logging.getLogger()
     try:
-        armed = True
-        if pending:
-            raise _Signalled(pending[0])
+        signals.armed = True
+        if signals.received:
+            signals.armed = False
+            raise _Signalled(signals.received[0])
         beat.start()
         root.addHandler(handler)
         if jobs.cancel_requested(job_id):
             raise JobCancelled(f"job {job_id} cancelled")
         outputs = work(ctx)
+        signals.armed = False
+        if signals.received:  # swallowed by library code, and the work then finished
+            jobs.append_log(job_id, f"{utc_now()} a SIGTERM arrived but the work had already published\n")
         ctx.progress(1.0, "done")
         jobs.mark_finished(job_id, JobStatus.succeeded, outputs=outputs)
-    except (JobCancelled, _Signalled) as exc:
-        if isinstance(exc, JobCancelled) or jobs.cancel_requested(job_id):
-            jobs.mark_finished(job_id, JobStatus.cancelled, f"job {job_id} cancelled")
-            raise JobError(f"job {job_id} cancelled; nothing was published") from None
-        why = f"interrupted by signal {exc.args[0]}; nothing was published"
-        jobs.mark_finished(job_id, JobStatus.failed, why)
-        raise JobError(f"job {job_id} {why}") from None
-    except KeyboardInterrupt:
-        jobs.mark_finished(job_id, JobStatus.failed, "interrupted (Ctrl-C); nothing was published")
-        raise
-    except TuneserveError as exc:
-        jobs.mark_finished(job_id, JobStatus.failed, str(exc))
-        raise JobError(f"job {job_id} failed: {exc}") from exc
     except BaseException as exc:
-        jobs.mark_finished(job_id, JobStatus.failed, f"{type(exc).__name__}: {exc}")
+        signals.armed = False
+        _record_failure(jobs, job_id, exc, signalled=bool(signals.received))
         raise
     finally:
         if in_main:
@@ -161,3 +154,31 @@ def run_job(
         stop.set()
         ctx.close()
     return jobs.get(job_id)
+
+
+class _SignalState:
+    def __init__(self) -> None:
+        self.armed = False
+        self.received: list[int] = []
+
+
+def _record_failure(jobs: JobStore, job_id: str, exc: BaseException, signalled: bool) -> None:
+    """Record why the run ended and raise what the caller should see: JobError for a
+    cancel, a signal or a TuneserveError; other exceptions propagate as they are."""
+    if isinstance(exc, KeyboardInterrupt):
+        jobs.mark_finished(job_id, JobStatus.failed, "interrupted (Ctrl-C); nothing was published")
+        return
+    if signalled and not isinstance(exc, (_Signalled, JobCancelled)):
+        # What the work raised once the signal cut into it (kept for whoever debugs it).
+        jobs.append_log(job_id, f"{utc_now()} after SIGTERM: {type(exc).__name__}: {exc}\n")
+    if isinstance(exc, JobCancelled) or (signalled and jobs.cancel_requested(job_id)):
+        jobs.mark_finished(job_id, JobStatus.cancelled, f"job {job_id} cancelled")
+        raise JobError(f"job {job_id} cancelled; nothing was published") from None
+    if signalled:
+        why = "interrupted by SIGTERM; nothing was published"
+        jobs.mark_finished(job_id, JobStatus.failed, why)
+        raise JobError(f"job {job_id} {why}") from None
+    if isinstance(exc, TuneserveError):
+        jobs.mark_finished(job_id, JobStatus.failed, str(exc))
+        raise JobError(f"job {job_id} failed: {exc}") from exc
+    jobs.mark_finished(job_id, JobStatus.failed, f"{type(exc).__name__}: {exc}")
