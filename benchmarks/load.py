@@ -2,10 +2,15 @@
 their adapters with the base model, through a gateway this script starts (auth on,
 tenants created with the CLI, adapters uploaded through the API).
 
-Reports errors, end-to-end p50/p99, TTFT p50/p99 and tokens/s, and the gateway's RSS
-sampled over the run: start (after warm-up), end, max and the least-squares slope.
-Goal: RSS stays flat over a 10-minute soak (end within 5% of start after warm-up).
-Writes benchmarks/results/load-<engine>.json.
+Beside them, `--hostile-clients` loop over what a hostile client sends (an oversized
+chunked upload, a broken archive, an adapter with a catastrophic-backtracking regex,
+JSON nested 10,000 deep, a 5,000-digit integer, a lone surrogate, an unknown model, a
+bad key): every answer must be its 4xx, never a 5xx, and must not grow the gateway.
+
+Reports errors, end-to-end p50/p99, TTFT p50/p99 and tokens/s, the hostile probes'
+statuses, and the gateway's RSS sampled over the run: start (after warm-up), end, max
+and the least-squares slope. Goal: RSS stays flat over a 10-minute soak (end within 5%
+of start after warm-up). Writes benchmarks/results/load-<engine>.json.
 
     python benchmarks/load.py                       # llama.cpp, 8 clients, 10 minutes
     python benchmarks/load.py --engine vllm --duration-s 120
@@ -31,11 +36,12 @@ import psutil
 from common import summary_ms, write_result  # before the project imports: it puts the repo root on sys.path
 
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.prometheus import Prometheus, host
+from tests.support.prometheus import Prometheus, bearer_token_file, host
 from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway, vllm_server
 
 MODEL_DIR = DATA_DIR / "models" / MODEL
 ADMIN_KEY = "load-benchmark-admin-key-0123456789"
+METRICS_TOKEN = "load-benchmark-metrics-token-0123456789"  # with auth on, /metrics needs one
 PROMPTS = (
     "Write one sentence about the sea.",
     "Name three primary colors.",
@@ -114,6 +120,68 @@ async def client_loop(index: int, base_url: str, mix: list[tuple[str, str]], dea
             i += 1
 
 
+def hostile_probes(work: Path, adapter: Path, key: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(probe, expected status, httpx request arguments). Each hostile client gets its
+    own tenant's key: a tenant has one upload slot, and a 429 would hide the answer."""
+    auth = {"Authorization": f"Bearer {key}"}
+    regex_adapter = work / "regex-adapter"
+    if not regex_adapter.exists():
+        import shutil
+
+        shutil.copytree(adapter, regex_adapter)
+        config = json.loads((regex_adapter / "adapter_config.json").read_text())
+        config["target_modules"] = r"(.*\.)*(.*)*(.*_proj)+(_)*$x"  # backtracks on every module name
+        (regex_adapter / "adapter_config.json").write_text(json.dumps(config))
+    boundary = "hostile-boundary"
+
+    def oversized() -> Any:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nhuge\r\n'.encode()
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'.encode()
+        for _ in range(48):
+            yield b"\0" * (1 << 20)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    chat = "/v1/chat/completions"
+    return [
+        ("oversized_chunked_upload", 413, {"method": "POST", "url": "/v1/adapters", "content_factory": oversized,
+                                           "headers": {**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}}),
+        ("broken_archive", 400, {"method": "POST", "url": "/v1/adapters", "headers": auth, "data": {"name": "broken"},
+                                 "files": {"file": ("a.tar.gz", b"\x1f\x8b not really gzip", "application/gzip")}}),
+        ("catastrophic_regex_adapter", 400, {"method": "POST", "url": "/v1/adapters", "headers": auth, "data": {"name": "regex"},
+                                             "files": {"file": ("a.tar.gz", tar_gz_bytes(regex_adapter), "application/gzip")}}),
+        ("deep_json", 400, {"method": "POST", "url": chat, "headers": {**auth, "Content-Type": "application/json"},
+                            "content": b'{"model": "' + MODEL.encode() + b'", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"}),
+        ("huge_integer", 400, {"method": "POST", "url": chat, "headers": {**auth, "Content-Type": "application/json"},
+                               "content": b'{"model": "' + MODEL.encode() + b'", "max_tokens": ' + b"9" * 5000 + b', "messages": []}'}),
+        ("lone_surrogate", 400, {"method": "POST", "url": chat, "headers": {**auth, "Content-Type": "application/json"},
+                                 "content": b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\\ud800"}]}'}),
+        ("unknown_model", 404, {"method": "POST", "url": chat, "headers": auth,
+                                "json": {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}}),
+        ("bad_key", 401, {"method": "POST", "url": chat, "headers": {"Authorization": "Bearer ts-not-a-key"},
+                          "json": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}}),
+    ]
+
+
+async def hostile_loop(base_url: str, probes: list[tuple[str, int, dict[str, Any]]], deadline: float, seen: dict[str, dict[str, int]]) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        i = 0
+        while time.monotonic() < deadline:
+            name, expected, request = probes[i % len(probes)]
+            options = dict(request)
+            factory = options.pop("content_factory", None)
+            if factory is not None:
+                options["content"] = factory()
+            try:
+                status = str((await client.request(**options)).status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            counts = seen.setdefault(name, {})
+            counts[status] = counts.get(status, 0) + 1
+            if status != str(expected):
+                counts["unexpected"] = counts.get("unexpected", 0) + 1
+            i += 1
+
+
 async def sample_rss(pid: int, deadline: float, every_s: float, samples: list[tuple[float, float]], t0: float) -> None:
     process = psutil.Process(pid)
     while time.monotonic() < deadline:
@@ -150,16 +218,20 @@ async def warm_up(base_url: str, mix: list[tuple[str, str]], max_tokens: int) ->
     return stats
 
 
-async def drive(base_url: str, pid: int, mix: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+async def drive(
+    base_url: str, pid: int, mix: list[tuple[str, str]], probes: list[list[tuple[str, int, dict[str, Any]]]], args: argparse.Namespace
+) -> dict[str, Any]:
     await warm_up(base_url, mix, args.max_tokens)
     stats = Stats()
     samples: list[tuple[float, float]] = []
+    hostile: dict[str, dict[str, int]] = {}
     load_before = os.getloadavg()
     t0 = time.monotonic()
     deadline = t0 + args.duration_s
     await asyncio.gather(
         sample_rss(pid, deadline, args.rss_every_s, samples, t0),
         *(client_loop(i, base_url, mix, deadline, args.max_tokens, stats) for i in range(args.clients)),
+        *(hostile_loop(base_url, client_probes, deadline, hostile) for client_probes in probes),
     )
     elapsed = time.monotonic() - t0
     ok = stats.statuses.get("200", 0)
@@ -176,6 +248,11 @@ async def drive(base_url: str, pid: int, mix: list[tuple[str, str]], args: argpa
         "elapsed_s": round(elapsed, 1),
         # Other work on the machine: the benchmark shares the CPU with it.
         "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "hostile": {
+            "probes": hostile,
+            "unexpected": sum(counts.get("unexpected", 0) for counts in hostile.values()),
+            "server_errors": sum(v for counts in hostile.values() for k, v in counts.items() if k.startswith("5")),
+        },
         "gateway_rss": rss_summary(samples, args.warmup_s),
     }
 
@@ -190,6 +267,7 @@ def main() -> None:
     parser.add_argument("--adapters-per-tenant", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rss-every-s", type=float, default=5)
+    parser.add_argument("--hostile-clients", type=int, default=2, help="clients sending only hostile probes")
     parser.add_argument("--dashboard-png", type=Path, help="scrape with Prometheus and draw the dashboard here")
     args = parser.parse_args()
 
@@ -204,7 +282,9 @@ def main() -> None:
             "model.gguf_path": MODEL_DIR / "model.gguf",
             "auth.enabled": "true",
             "auth.admin_key": ADMIN_KEY,
+            "server.metrics.token_file": work / "metrics-token",
         }
+        (work / "metrics-token").write_text(METRICS_TOKEN)
         vllm: ServerProcess | None = None
         if args.engine == "vllm":
             vllm = vllm_server().start(timeout_s=600)
@@ -215,7 +295,8 @@ def main() -> None:
             if args.dashboard_png:
                 (work / "prom").mkdir()
                 targets = {"gateway": [host(server)], **({"vllm": [host(vllm)]} if vllm else {})}
-                prometheus = Prometheus(work / "prom", targets, interval="2s").start()
+                jobs = {"gateway": bearer_token_file(work / "metrics-token")}
+                prometheus = Prometheus(work / "prom", targets, interval="2s", jobs=jobs).start()
             started = time.time()
             mix: list[tuple[str, str]] = []
             for t, (tenant, key) in enumerate(tenants.items()):
@@ -231,7 +312,9 @@ def main() -> None:
                     r.raise_for_status()
                     mix.append((key, name))
             assert server.process is not None
-            result = asyncio.run(drive(server.base_url, server.process.pid, mix, args))
+            keys = list(tenants.values())
+            probes = [hostile_probes(work, work / "tenant0" / "a0", keys[i % len(keys)]) for i in range(args.hostile_clients)]
+            result = asyncio.run(drive(server.base_url, server.process.pid, mix, probes, args))
             if prometheus is not None:
                 from scripts.dashboard_png import render
 

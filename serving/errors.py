@@ -6,6 +6,7 @@ the router catches it before the first byte and tries the next engine.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, get_args
 
 from tuneserve.errors import TuneserveError
@@ -23,6 +24,18 @@ FallbackReason = Literal[
     "cancelled",  # an adapter load that concurrent requests waited on was cancelled
 ]
 FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
+
+# Retry-After bounds: under 1 s is not expressible (integer seconds) and invites a
+# retry storm; past a minute a client is better told again than made to wait on a
+# guess that the load may have made stale.
+RETRY_AFTER_MIN_S = 1
+RETRY_AFTER_MAX_S = 60
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header for a wait estimate, whole seconds within the bounds."""
+    wait = math.ceil(seconds) if math.isfinite(seconds) else RETRY_AFTER_MAX_S
+    return {"Retry-After": str(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, wait)))}
 
 
 class ApiError(TuneserveError):
@@ -91,22 +104,43 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
-class QueueFull(ApiError):
+class RetryLater(ApiError):
+    """An error that says when to come back: a 429 or 503 with Retry-After."""
+
+    default_retry_after_s: float = 1
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        wait = self.default_retry_after_s if retry_after_s is None else retry_after_s
+        super().__init__(message, headers=retry_after(wait))
+
+
+class QueueFull(RetryLater):
     status_code = 429
     error_type = "rate_limit_error"
     code = "queue_full"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
-
-class NoEngineAvailable(ApiError):
+class NoEngineAvailable(RetryLater):
     status_code = 503
     error_type = "server_error"
     code = "engine_unavailable"
+    default_retry_after_s = 5
 
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+class ServerBusy(RetryLater):
+    """Too many request bodies are arriving at once (server.max_pending_bodies)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_busy"
+
+
+class BodyTimeout(ApiError):
+    """The request body did not arrive within its deadline (server.body_timeout_s)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class EngineFailed(ApiError):
@@ -143,3 +177,12 @@ class Unauthorized(ApiError):
     def __init__(self, message: str = "Incorrect API key provided.") -> None:
         # RFC 9110 requires a 401 to name the scheme it accepts.
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class TooManyUploads(RetryLater):
+    """Adapter uploads in progress are at their bound (adapters.max_concurrent_uploads*)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_uploads"
+    default_retry_after_s = 5

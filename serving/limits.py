@@ -3,27 +3,31 @@
 Rates are token buckets refilled continuously (capacity = one minute's allowance), so a
 tenant can burst up to its per-minute budget and then runs at the configured rate.
 Tokens are charged after the request, when usage is known; a tenant whose bucket is
-in debt is refused until it refills. Over any limit: 429 with Retry-After.
+in debt is refused until it refills. Over any limit: 429 with Retry-After, when the
+bucket will hold enough again, or for concurrency, about when the first of the tenant's
+requests in flight should end (from how long its recent requests took).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from serving.errors import ApiError
+from serving.errors import RetryLater
 from tuneserve.config import TenantLimits
 
 
-class RateLimited(ApiError):
+class RateLimited(RetryLater):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+# Request durations are averaged exponentially: recent requests count most, and one
+# outlier moves the estimate only a fifth of the way.
+_DURATION_WEIGHT = 0.2
+_UNKNOWN_DURATION_S = 1.0  # before a tenant's first request has ended
 
 
 @dataclass
@@ -46,14 +50,25 @@ class _TenantState:
     tokens: _Bucket | None
     in_flight: int = 0
     limits: TenantLimits = field(default_factory=TenantLimits)
+    mean_duration_s: float | None = None
+
+    def ended(self, duration_s: float) -> None:
+        previous = self.mean_duration_s
+        self.mean_duration_s = duration_s if previous is None else previous + _DURATION_WEIGHT * (duration_s - previous)
+
+    def until_one_ends(self) -> float:
+        # With `in_flight` requests staggered over one duration, one ends about every
+        # duration / in_flight.
+        return (self.mean_duration_s or _UNKNOWN_DURATION_S) / max(1, self.in_flight)
 
 
 class TenantSlot:
     """An admitted request's place in its tenant's limits, given back exactly once."""
 
-    def __init__(self, limiter: "TenantLimiter", tenant: str) -> None:
+    def __init__(self, limiter: "TenantLimiter", tenant: str, admitted_at: float) -> None:
         self._limiter = limiter
         self.tenant = tenant
+        self._admitted_at = admitted_at
         self._held = True
 
     def release(self, tokens_used: int) -> None:
@@ -61,7 +76,7 @@ class TenantSlot:
         # every way out of the request: only the first counts.
         if self._held:
             self._held = False
-            self._limiter.release(self.tenant, tokens_used)
+            self._limiter.release(self.tenant, tokens_used, admitted_at=self._admitted_at)
 
 
 class TenantLimiter:
@@ -93,7 +108,7 @@ class TenantLimiter:
     def admit(self, tenant: str) -> TenantSlot:
         """acquire(), as a slot the request holds until it releases it."""
         self.acquire(tenant)
-        return TenantSlot(self, tenant)
+        return TenantSlot(self, tenant, self._clock())
 
     def acquire(self, tenant: str) -> None:
         """Admit one request or raise RateLimited; pair with release()."""
@@ -101,7 +116,7 @@ class TenantLimiter:
         now = self._clock()
         limit = state.limits.concurrent_requests
         if limit and state.in_flight >= limit:
-            raise RateLimited(f"Tenant '{tenant}' has {limit} requests in flight, its concurrency limit.", 1)
+            raise RateLimited(f"Tenant '{tenant}' has {limit} requests in flight, its concurrency limit.", state.until_one_ends())
         if state.tokens is not None:
             state.tokens.refill(now)
             if state.tokens.level <= 0:
@@ -115,9 +130,11 @@ class TenantLimiter:
             state.requests.level -= 1
         state.in_flight += 1
 
-    def release(self, tenant: str, tokens_used: int) -> None:
+    def release(self, tenant: str, tokens_used: int, admitted_at: float | None = None) -> None:
         state = self._state_for(tenant)
         state.in_flight = max(0, state.in_flight - 1)
+        if admitted_at is not None:
+            state.ended(self._clock() - admitted_at)
         if state.tokens is not None and tokens_used:
             state.tokens.refill(self._clock())
             state.tokens.level -= tokens_used

@@ -4,7 +4,9 @@ Label values are bounded: `backend` is an engine name, `model` is a served model
 (anything else is reported as "unknown"), `status` an HTTP status code, `reason` a
 serving.errors.FallbackReason, `tenant` and `adapter` registered names only (a request
 for an unknown adapter is labelled before lookup with adapter "base" and fails with
-404), so their product is bounded by the registry.
+404). Registered names are not few enough on their own (any tenant may register
+adapters), so only the first server.metrics.max_tenant_labels tenants and
+max_adapter_labels tenant/adapter pairs keep their names; later ones share OVERFLOW.
 """
 
 from __future__ import annotations
@@ -19,16 +21,34 @@ from prometheus_client.metrics import MetricWrapperBase
 from serving import metric_catalog as catalog
 from serving.engines.base import Engine
 from serving.errors import FallbackReason
+from tuneserve.config import MetricsConfig
 
 NO_BACKEND = "none"
 NO_TENANT = "none"
+ADMIN_TENANT = "admin"  # what serving.access labels an admin's requests with (ADMIN_LABEL)
 BASE_ADAPTER = "base"
+# Not a valid tenant or adapter name (tuneserve/names.py): never mistaken for a real one.
+OVERFLOW = "_other"
+# Labels of requests that name no tenant or no adapter: never counted against the caps.
+_FIXED_TENANTS = frozenset({NO_TENANT, ADMIN_TENANT})
 
 
 class GatewayMetrics:
-    def __init__(self, served_models: Iterable[str], registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        served_models: Iterable[str],
+        registry: CollectorRegistry | None = None,
+        labels: MetricsConfig | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self._models = set(served_models)
+        caps = labels or MetricsConfig()
+        self._max_tenants = caps.max_tenant_labels
+        self._max_adapters = caps.max_adapter_labels
+        # Both only grow, up to their caps: a name keeps its label for the process's life,
+        # so a series never changes meaning between scrapes.
+        self._tenants: set[str] = set()
+        self._adapters: set[tuple[str, str]] = set()
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = catalog.REQUESTS.counter(r)
@@ -56,6 +76,21 @@ class GatewayMetrics:
 
     def model_label(self, model: str | None) -> str:
         return model if model in self._models else "unknown"
+
+    def request_labels(self, tenant: str, adapter: str) -> tuple[str, str]:
+        """The (tenant, adapter) label values of a request of `tenant` for `adapter`."""
+        if tenant not in self._tenants and tenant not in _FIXED_TENANTS:
+            if len(self._tenants) >= self._max_tenants:
+                # Its adapter's name must not show either: in the tenant's place it would
+                # still tell which tenant the series is about.
+                return OVERFLOW, BASE_ADAPTER if adapter == BASE_ADAPTER else OVERFLOW
+            self._tenants.add(tenant)
+        if adapter == BASE_ADAPTER or (tenant, adapter) in self._adapters:
+            return tenant, adapter
+        if len(self._adapters) >= self._max_adapters:
+            return tenant, OVERFLOW
+        self._adapters.add((tenant, adapter))
+        return tenant, adapter
 
     def fell_back(self, from_backend: str, to_backend: str, reason: FallbackReason) -> None:
         self.fallbacks.labels(from_backend, to_backend, reason).inc()
@@ -131,7 +166,8 @@ class RequestTimer:
         self._last_token_at = now
 
     def _labels(self) -> tuple[str, str, str, str]:
-        return self.backend, self.model, self.tenant, self.adapter
+        # Bounded here, not where tenant and adapter are set: the limiter needs the real tenant.
+        return self.backend, self.model, *self.metrics.request_labels(self.tenant, self.adapter)
 
     def finish(self, status: int, prompt_tokens: int = 0, completion_tokens: int | None = None) -> None:
         """Record the request; without usage (cancelled, failed) count the tokens streamed."""
@@ -143,7 +179,8 @@ class RequestTimer:
         m = self.metrics
         m.child(m.in_flight, self.backend).dec()
         labels = self._labels()
-        m.child(m.requests, self.endpoint, self.backend, self.model, str(status), self.tenant, self.adapter).inc()
+        backend, model, tenant, adapter = labels
+        m.child(m.requests, self.endpoint, backend, model, str(status), tenant, adapter).inc()
         m.child(m.latency, self.endpoint, *labels).observe(time.perf_counter() - self.start)
         if prompt_tokens:
             m.child(m.prompt_tokens, *labels).inc(prompt_tokens)

@@ -33,6 +33,12 @@ class CircuitBreaker:
             return "half_open"
         return "open"
 
+    def seconds_until_trial(self) -> float:
+        """How long an open circuit still refuses every request; 0 when it lets one through."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.reset_timeout_s - self._clock())
+
     def allow_request(self) -> bool:
         state = self.state
         if state == "closed":

@@ -17,6 +17,8 @@ from serving.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+NO_ENGINE_RETRY_S = 5.0  # a 503's Retry-After when no engine can tell when it is back
+
 
 @dataclass
 class RoutedStream:
@@ -68,5 +70,10 @@ class Router:
         raise NoEngineAvailable(
             "No inference engine can serve this request right now ("
             + "; ".join(failures)
-            + "). Retry later."
+            + "). Retry later.",
+            retry_after_s=self._soonest_back(),
         )
+
+    def _soonest_back(self) -> float:
+        hints = [hint for engine in self.engines if (hint := engine.retry_after_s()) is not None]
+        return min(hints) if hints else NO_ENGINE_RETRY_S

@@ -7,21 +7,25 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from tests.support.servers import DATA_DIR, ROOT
-from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord, AdapterRegistry
+from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord, AdapterRegistry, owner_of
 from tuneserve.adapters.validation import AdapterRejected
 from tuneserve.config import Settings, load_settings
+from tuneserve.tenants.store import TenantNotFound
 
 HF_DIR = DATA_DIR / "models" / "smollm2-135m-instruct" / "hf"
 PEFT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -117,7 +121,7 @@ def tar_member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link
 
 def check_stored(record: AdapterRecord, registry: AdapterRegistry, peft_adapter: Path, version: int = 1) -> None:
     assert (record.tenant, record.name, record.version) == ("acme", "support", version)
-    assert record.engine_name == f"acme--support--v{version}"
+    assert re.fullmatch(rf"acme--support--v{version}--[0-9a-f]{{12}}", record.engine_name)
     assert record.path == registry.root / "acme" / "support" / f"v{version}"
     assert sorted(p.name for p in record.path.iterdir()) == [
         "adapter.gguf", "adapter_config.json", "adapter_model.safetensors", "manifest.json"
@@ -185,7 +189,61 @@ def test_list_get_remove(registry: AdapterRegistry, peft_adapter: Path) -> None:
 
     # A re-added name continues the numbering: engines never see an old engine_name again.
     again = registry.add("acme", "support", peft_adapter)
-    assert again.version == 3 and again.engine_name == "acme--support--v3"
+    assert again.version == 3 and again.engine_name.startswith("acme--support--v3--")
+
+
+def test_remove_tenant_takes_every_adapter_and_counter(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    old = registry.add("acme", "support", peft_adapter)
+    registry.add("acme", "billing", peft_adapter)
+    registry.remove("acme", "billing")  # leaves a version counter behind
+    kept = registry.add("globex", "support", peft_adapter)
+    removed = registry.remove_tenant("acme")
+    assert [r.name for r in removed.adapters] == ["support"]
+    assert not (registry.root / "acme").exists() and registry.list() == [kept]
+    # A tenant of the same name starts afresh: v1 again, yet never an old engine name.
+    new = registry.add("acme", "support", peft_adapter)
+    assert new.version == 1 and new.engine_name != old.engine_name
+    assert registry.add("acme", "billing", peft_adapter).version == 1
+    assert owner_of(new.engine_name) == ("acme", "support") and owner_of("vllm-base") is None
+
+
+def test_remove_tenant_runs_the_table_change_first(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    registry.add("acme", "support", peft_adapter)
+
+    def refuse() -> None:
+        raise TenantNotFound("no tenant named 'acme'")
+
+    with pytest.raises(TenantNotFound):
+        registry.remove_tenant("acme", refuse)
+    assert registry.get("acme", "support") is not None  # nothing removed
+
+
+def test_upload_for_a_deleted_owner_stores_nothing(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    def owner_gone() -> None:
+        raise TenantNotFound("no tenant named 'acme'")
+
+    with pytest.raises(TenantNotFound):
+        registry.add_version("acme", "support", peft_adapter, owner_gone)
+    assert registry.get("acme", "support") is None
+    assert sorted(p.name for p in registry.data_dir.iterdir()) == ["adapters"]
+    assert _names_in_root(registry) == []
+
+
+def _names_in_root(registry: AdapterRegistry) -> list[str]:
+    return sorted(p.name for p in registry.root.iterdir() if not p.name.startswith("."))
+
+
+def test_concurrent_replacements_each_free_what_they_replaced(registry: AdapterRegistry, peft_adapter: Path) -> None:
+    """Each upload learns, under the lock, which version it made unaddressable: no
+    version in between is left loaded because two uploads both thought they replaced v1."""
+    first = registry.add("acme", "support", peft_adapter)
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(lambda _: registry.add_version("acme", "support", peft_adapter), range(4)))
+    by_version = {a.record.version: a for a in added}
+    assert sorted(by_version) == [2, 3, 4, 5]
+    replaced = {v: a.replaced.version for v, a in by_version.items() if a.replaced is not None}
+    assert replaced == {2: 1, 3: 2, 4: 3, 5: 4}
+    assert by_version[2].replaced == first
 
 
 def test_directory_of_symlinks_is_copied(registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path) -> None:
@@ -197,6 +255,17 @@ def test_directory_of_symlinks_is_copied(registry: AdapterRegistry, peft_adapter
     record = registry.add("acme", "support", snapshot)
     check_stored(record, registry, peft_adapter)
     assert not (record.path / "adapter_model.safetensors").is_symlink()
+
+
+def test_a_job_publishes_from_its_stage(registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path) -> None:
+    """A combine job publishes from the dir it is still building, which holds its owner
+    record: that one file is skipped, not refused."""
+    from tuneserve.fsutil import staged_dir
+
+    with staged_dir(tmp_path / "combined") as stage:
+        for name in PEFT_FILES:
+            shutil.copy(peft_adapter / name, stage / name)
+        check_stored(registry.add("acme", "support", stage), registry, peft_adapter)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +327,7 @@ def _corrupt_header(path: Path) -> None:
 
 def _gzip_bomb(adapter: Path, tmp: Path) -> Path:
     # 64 MiB of zeros in one member: ~64 KiB compressed, refused on its declared size.
-    info = tarfile.TarInfo("adapter/zeros")
+    info = tarfile.TarInfo("adapter/tokenizer.json")
     info.size = 64 << 20
 
     class Zeros(io.RawIOBase):
@@ -280,8 +349,8 @@ def _gzip_bomb(adapter: Path, tmp: Path) -> Path:
 
 
 def _pax_bomb(adapter: Path, tmp: Path) -> Path:
-    # A 32 MiB PAX header, which tarfile would read into memory whole: the decompressed
-    # stream itself is capped, so it stops at the limit.
+    # A 32 MiB PAX header, which tarfile would read into memory whole: refused on the
+    # size its header block declares.
     info = tarfile.TarInfo("adapter/README.md")
     info.pax_headers = {"comment": "x" * (32 << 20)}
     out = tmp / "pax.tar.gz"
@@ -293,7 +362,7 @@ def _pax_bomb(adapter: Path, tmp: Path) -> Path:
 def _zip_bomb(adapter: Path, tmp: Path) -> Path:
     out = tmp / "bomb.zip"
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        with archive.open("adapter/zeros", "w") as member:
+        with archive.open("adapter/tokenizer.json", "w") as member:
             for _ in range(64):
                 member.write(bytes(1 << 20))
     return out
@@ -343,12 +412,45 @@ def write(name: str, data: bytes) -> Callable[[Path], None]:
     return lambda adapter: (adapter / name).write_bytes(data)
 
 
-def junk_files(count: int) -> Callable[[Path], None]:
+def with_raw_key(value_json: str) -> Callable[[Path], None]:
+    """Add a key to adapter_config.json as raw JSON text (json.dumps cannot write some)."""
     def change(adapter: Path) -> None:
-        for i in range(count):
-            (adapter / f"junk{i}.txt").write_text("x")
+        path = adapter / "adapter_config.json"
+        path.write_text(path.read_text().rstrip().removesuffix("}") + f', "extra": {value_json}}}')
 
     return change
+
+
+def tar_gz_of(*members: tuple[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def zip_of(*members: tuple[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _zip_name_not_utf8(adapter: Path, tmp: Path) -> Path:
+    # Flagged UTF-8 (the name is not ASCII), then its bytes made invalid UTF-8.
+    out = make_zip(adapter, tmp / "u.zip", extra=[(zipfile.ZipInfo("adapter/\u00e9.md"), b"x")])
+    out.write_bytes(out.read_bytes().replace("\u00e9".encode(), b"\xff\xfe"))
+    return out
+
+
+# Catastrophic backtracking in `re` (and in the `regex` package) on every module name it
+# does not match; fast on those it does (q_proj, v_proj).
+CATASTROPHIC_TARGETS = r"(.|.?)+(q|v)_proj"
+CATASTROPHIC_KEY = r"(.|.?)+x"
+PICKLE_70KB = pickle.dumps(["x" * 70_000, {"lr": 1e-4}])  # past the old sniffer's window
 
 
 REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
@@ -364,10 +466,41 @@ REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
     ("unknown-target", in_dir(lambda a: edit_config(a, target_modules=["q_proj", "v_proj", "w_proj"])), {}, "unknown_target_module"),
     ("regex-matches-nothing", in_dir(lambda a: edit_config(a, target_modules=r".*\.qkv")), {}, "unknown_target_module"),
     ("tensor-outside-targets", in_dir(lambda a: edit_config(a, target_modules=["q_proj"])), {}, "invalid_weights"),
+    ("regex-not-a-regex", in_dir(lambda a: edit_config(a, target_modules="model.(q_proj")), {}, "invalid_config"),
+    ("regex-too-long", in_dir(lambda a: edit_config(a, target_modules="q_proj|" * 100 + "v_proj")), {}, "invalid_config"),
+    # Stopped at tenant_regex's budget, in a child process: never minutes in the gateway.
+    ("regex-catastrophic", in_dir(lambda a: edit_config(a, target_modules=CATASTROPHIC_TARGETS)), {}, "invalid_config"),
+    ("alpha-pattern-catastrophic", in_dir(lambda a: edit_config(a, alpha_pattern={CATASTROPHIC_KEY: 32})), {}, "invalid_config"),
+    ("rank-pattern-catastrophic", in_dir(lambda a: edit_config(a, rank_pattern={CATASTROPHIC_KEY: 4})), {}, "invalid_config"),
+    ("rank-pattern-counted-repeat", in_dir(lambda a: edit_config(a, rank_pattern={"(?:q{9}){9}_proj": 4})), {}, "invalid_config"),
+    ("alpha-pattern-not-a-regex", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj(": 32})), {}, "invalid_config"),
+    ("rank-pattern-not-a-regex", in_dir(lambda a: edit_config(a, rank_pattern={"[v_proj": 4})), {}, "invalid_config"),
+    ("pattern-key-too-long", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj|" * 100: 32})), {}, "invalid_config"),
+    ("pattern-key-with-newline", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj\n" + "x" * 500: "big"})), {}, "invalid_config"),
+    ("config-nested-past-the-stack", in_dir(with_raw_key("[" * 100_000 + "]" * 100_000)), {}, "invalid_config"),
+    ("config-nested-too-deep", in_dir(with_raw_key("[" * 40 + "]" * 40)), {}, "invalid_config"),
+    ("config-too-large", in_dir(with_raw_key(json.dumps("x" * (300 << 10)))), {}, "invalid_config"),
+    ("base-home-of-unknown-user", in_dir(lambda a: edit_config(a, base_model_name_or_path="~unknown-user-7f3a/SmolLM2")), {}, "base_mismatch"),
+    ("base-with-nul-byte", in_dir(lambda a: edit_config(a, base_model_name_or_path=str(HF_DIR) + "\x00")), {}, "base_mismatch"),
     ("bin-file", in_dir(write("training_args.bin", pickle.dumps({"lr": 1e-4}))), {}, "pickle_file"),
     ("pt-file", in_dir(lambda a: _torch_save(a / "optimizer.pt")), {}, "pickle_file"),
-    ("pickle-renamed", in_dir(write("notes.txt", pickle.dumps({"lr": 1e-4}, protocol=0))), {}, "pickle_file"),
-    ("torch-save-as-safetensors", in_dir(lambda a: _torch_save(a / "adapter_model.safetensors")), {}, "pickle_file"),
+    # Only an adapter's own files are accepted: anything else is refused by name, whatever it holds.
+    ("pickle-renamed", in_dir(write("notes.txt", pickle.dumps({"lr": 1e-4}, protocol=0))), {}, "unexpected_file"),
+    ("pickle-opening-with-a-70kB-string", in_dir(write("optimizer.state", PICKLE_70KB)), {}, "unexpected_file"),
+    ("text-file-in-dir", in_dir(write("notes.txt", b"hello")), {}, "unexpected_file"),
+    ("pickle-as-readme", in_dir(write("README.md", PICKLE_70KB)), {}, "unexpected_file"),
+    ("zip-as-readme", in_dir(write("README.md", zip_of(("x.txt", b"x")))), {}, "unexpected_file"),
+    ("nested-tar-gz", tar_with(tar_member("adapter/extra.tar.gz", data=tar_gz_of(("x.txt", b"x")))), {}, "unexpected_file"),
+    ("nested-zip", zip_with(("adapter/weights.zip", zip_of(("x.txt", b"x")))), {}, "unexpected_file"),
+    ("nested-dir-tar", tar_with(tar_member("adapter/checkpoint-10/adapter_config.json", data=b"{}")), {}, "unexpected_file"),
+    ("nested-dir-zip", zip_with(("adapter/checkpoint-10/", b"")), {}, "unexpected_file"),
+    ("second-top-dir", tar_with(tar_member("other/README.md", data=b"hi")), {}, "unexpected_file"),
+    ("files-at-top-and-in-dir", zip_with(("README.md", b"hi")), {}, "unexpected_file"),
+    ("dir-beside-files", lambda a, t: make_zip(a, t / "u.zip", top=None, extra=[(zipfile.ZipInfo("adapter/"), b"")]), {}, "unexpected_file"),
+    # The weights are checked to be safetensors, not trusted by name.
+    ("torch-save-as-safetensors", in_dir(lambda a: _torch_save(a / "adapter_model.safetensors")), {}, "invalid_weights"),
+    ("safetensors-header-not-an-object", in_dir(write("adapter_model.safetensors", struct.pack("<Q", 2) + b"[]")), {}, "invalid_weights"),
+    ("safetensors-header-past-the-end", in_dir(write("adapter_model.safetensors", struct.pack("<Q", 1 << 40) + b"{}")), {}, "invalid_weights"),
     ("no-weights", in_dir(lambda a: (a / "adapter_model.safetensors").unlink()), {}, "missing_weights"),
     ("corrupt-header", in_dir(lambda a: _corrupt_header(a / "adapter_model.safetensors")), {}, "invalid_weights"),
     ("truncated-weights", in_dir(lambda a: os.truncate(a / "adapter_model.safetensors", 4096)), {}, "invalid_weights"),
@@ -375,18 +508,20 @@ REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
     # Passes validation, but the GGUF converter refuses it: nothing may be stored either.
     ("dora-not-convertible", in_dir(lambda a: edit_config(a, use_dora=True)), {}, "conversion_failed"),
     ("alpha-zero-not-convertible", in_dir(lambda a: edit_config(a, lora_alpha=0)), {}, "conversion_failed"),
-    ("too-many-files-dir", in_dir(junk_files(2)), {"max_files": 4}, "too_many_files"),
+    ("too-many-files-dir", in_dir(lambda a: None), {"max_files": 2}, "too_many_files"),
     ("too-many-files-zip", lambda a, t: make_zip(a, t / "u.zip", top=None, extra=[(zipfile.ZipInfo(f"j{i}"), b"x") for i in range(5)]), {"max_files": 4}, "too_many_files"),
-    ("too-many-files-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member(f"adapter/j{i}", data=b"x") for i in range(500)]), {"max_files": 64}, "too_many_files"),
+    ("too-many-files-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member("adapter/", tarfile.DIRTYPE) for _ in range(500)]), {"max_files": 64}, "too_many_files"),
     ("too-large-dir", in_dir(lambda a: None), {"max_bytes": 100_000}, "too_large"),
     ("archive-file-too-large-tar", lambda a, t: make_tar_gz(a, t / "u.tgz"), {"max_bytes": 1_000_000}, "too_large"),
     ("archive-file-too-large-zip", lambda a, t: make_zip(a, t / "u.zip"), {"max_bytes": 1_000_000}, "too_large"),
     # Compressible padding after the real files: refused on the running unpacked total.
-    ("too-large-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member("adapter/pad.txt", data=bytes(3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
-    ("too-large-zip", lambda a, t: make_zip(a, t / "u.zip", extra=[(zipfile.ZipInfo("adapter/pad.txt"), bytes(3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
+    ("too-large-tar", lambda a, t: make_tar_gz(a, t / "u.tgz", extra=[tar_member("adapter/tokenizer.json", data=b" " * (3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
+    ("too-large-zip", lambda a, t: make_zip(a, t / "u.zip", extra=[(zipfile.ZipInfo("adapter/tokenizer.json"), b" " * (3 << 20))]), {"max_bytes": 4 << 20}, "too_large"),
     ("gzip-bomb", _gzip_bomb, {"max_bytes": 4 << 20}, "too_large"),
     ("zip-bomb", _zip_bomb, {"max_bytes": 4 << 20}, "too_large"),
-    ("pax-header-bomb", _pax_bomb, {"max_bytes": 4 << 20}, "too_large"),
+    # Refused on its declared size, before tarfile reads it: even within max_bytes, it is
+    # more than one header may make the gateway hold in memory.
+    ("pax-header-bomb", _pax_bomb, {"max_bytes": 64 << 20}, "invalid_archive"),
     ("tar-dotdot", tar_with(tar_member("adapter/../../../../evil", data=b"x")), {}, "unsafe_archive"),
     ("zip-dotdot", zip_with(("../../../../evil", b"x")), {}, "unsafe_archive"),
     ("tar-absolute", tar_with(tar_member("/tmp/evil", data=b"x")), {}, "unsafe_archive"),
@@ -398,6 +533,7 @@ REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
     ("tar-char-device", tar_with(tar_member("adapter/null", tarfile.CHRTYPE)), {}, "unsafe_archive"),
     ("tar-duplicate", tar_with(tar_member("adapter/adapter_config.json", data=b"{}")), {}, "unsafe_archive"),
     ("not-an-archive", lambda a, t: write_file(t / "x.zip", b"hello world"), {}, "invalid_archive"),
+    ("zip-name-not-utf8", _zip_name_not_utf8, {}, "invalid_archive"),
     ("truncated-tar-gz", lambda a, t: write_file(t / "x.tgz", make_tar_gz(a, t / "f.tgz").read_bytes()[:5000]), {}, "invalid_archive"),
     ("missing-path", lambda a, t: t / "does-not-exist", {}, "invalid_source"),
     ("fifo-in-dir", in_dir(lambda a: os.mkfifo(a / "fifo")), {}, "invalid_source"),
@@ -430,8 +566,61 @@ def test_rejection_leaves_data_dir_unchanged(
     assert listing(data_dir) == before
     assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
     assert registry.get("acme", "support").version == 1  # type: ignore[union-attr]
-    # One line that says what to fix, and names the reason.
+    # One line that says what to fix, and names the reason, but no server path.
     assert "\n" not in str(info.value) and f"({reason})" in str(info.value)
+    assert str(data_dir) not in str(info.value) and ".adapter-upload-" not in str(info.value)
+
+
+# Member names the filesystem would refuse, or that are odd: each rejection names the
+# member as the tenant wrote it and reveals no path of the server.
+ODD_NAMES = [
+    "adapter/" + "x" * 300,  # a component longer than NAME_MAX
+    "x" * 300 + "/adapter_config.json",  # ... as the top-level dir
+    "a/" * 2500 + "README.md",  # a 5000-byte path
+    "adapter/README.md\n",
+    "adapter/README.md/adapter_config.json",  # under a file of the upload
+    "adapter_config.json/README.md",  # a second top-level dir named like a file
+    "adapter/ ",
+    "adapter/\udcff\udcfe.md",  # bytes that are not UTF-8 (tar keeps them, surrogate-escaped)
+]
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+@pytest.mark.parametrize("name", ODD_NAMES, ids=[f"odd{i}" for i in range(len(ODD_NAMES))])
+def test_odd_member_names_reveal_no_server_path(
+    registry: AdapterRegistry, data_dir: Path, peft_adapter: Path, tmp_path: Path, kind: str, name: str
+) -> None:
+    if kind == "zip" and "\udcff" in name:
+        pytest.skip("zip names are UTF-8 or cp437: no lone surrogates")
+    if kind == "tar.gz":
+        upload = make_tar_gz(peft_adapter, tmp_path / "upload", extra=[tar_member(name, data=b"x")])
+    else:
+        upload = make_zip(peft_adapter, tmp_path / "upload", extra=[(zipfile.ZipInfo(name), b"x")])
+    with pytest.raises(AdapterRejected) as info:
+        registry.add("acme", "support", upload)
+    message = str(info.value)
+    assert info.value.reason in {"unexpected_file", "invalid_archive", "unsafe_archive"}, message
+    assert repr(name)[:40] in message  # the member, as written (repr: escapes, one line)
+    for server_detail in (str(data_dir), str(tmp_path), "/tmp", ".adapter-upload-", "Errno"):
+        assert server_detail not in message
+    assert "\n" not in message and len(message) < 1000
+    assert registry.get("acme", "support") is None
+    assert listing(data_dir) == []
+
+
+def test_an_adapters_own_extra_files_are_accepted_but_not_stored(
+    registry: AdapterRegistry, peft_adapter: Path, tmp_path: Path
+) -> None:
+    """Tokenizer files saved beside the adapter and macOS Finder's __MACOSX metadata
+    (skipped, never extracted) do not stop an upload."""
+    extra = [
+        (zipfile.ZipInfo("adapter/tokenizer_config.json"), b"{}"),
+        (zipfile.ZipInfo("adapter/special_tokens_map.json"), b"{}"),
+        (zipfile.ZipInfo("adapter/chat_template.jinja"), b"{{ messages }}"),
+        (zipfile.ZipInfo("__MACOSX/adapter/._README.md"), b"\x00\x05\x16\x07\x00\x02"),
+    ]
+    archive = make_zip(peft_adapter, tmp_path / "upload", extra=extra)
+    check_stored(registry.add("acme", "support", archive), registry, peft_adapter)
 
 
 def test_rejection_on_a_fresh_data_dir_leaves_nothing(data_dir: Path, peft_adapter: Path, tmp_path: Path) -> None:
@@ -497,12 +686,12 @@ def test_cli_add_list_remove(data_dir: Path, peft_adapter: Path, tmp_path: Path)
     added = run_cli("add", "acme", "support", str(archive), data_dir=data_dir)
     assert added.returncode == 0, added.stderr
     record = json.loads(added.stdout)
-    assert record["engine_name"] == "acme--support--v1" and record["rank"] == 8
+    assert record["engine_name"].startswith("acme--support--v1--") and record["rank"] == 8
     assert Path(record["gguf_path"]).is_file()
 
     listed = run_cli("list", "acme", data_dir=data_dir)
     assert listed.returncode == 0, listed.stderr
-    assert [r["engine_name"] for r in json.loads(listed.stdout)] == ["acme--support--v1"]
+    assert [r["engine_name"] for r in json.loads(listed.stdout)] == [record["engine_name"]]
 
     removed = run_cli("remove", "acme", "support", data_dir=data_dir)
     assert removed.returncode == 0 and json.loads(removed.stdout)["version"] == 1
@@ -526,4 +715,8 @@ def test_cli_errors_exit_2_with_one_line(data_dir: Path, peft_adapter: Path, tmp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("tuneserve adapters: error: ") and expected in lines[0]
-    assert listing(data_dir) == []
+    # Nothing stored; only the audit log says what was refused.
+    assert [entry[0] for entry in listing(data_dir)] == ["audit.log"]
+    audit = [json.loads(line) for line in (data_dir / "audit.log").read_text().splitlines()]
+    assert [(a["action"], a["result"]) for a in audit] == [("adapter." + ("add" if args[0] == "add" else "delete"), "refused")]
+    assert expected.strip("()") in audit[0]["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncGenerator, Protocol
 
 import httpx
 import openai
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.testclient import TestClient
 
 from serving.api.app import create_app
+from serving.engines.base import Engine, EngineStatus, GenerationEvent, GenerationRequest, TextDelta, Usage
 from tests.support.metrics import scrape, value
 from tests.support.servers import MODEL, ServerProcess
 from tuneserve.config import load_settings
@@ -28,7 +29,19 @@ def post(server: ServerProcess, path: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(server.base_url + path, timeout=60, **kwargs)
 
 
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+class _Response(Protocol):
+    """httpx's, or the TestClient's (httpx2)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self) -> Any: ...
+
+
+def assert_openai_error(response: _Response, status: int, param: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -120,6 +133,113 @@ def test_client_gone_before_its_body_is_counted_not_logged_as_a_crash(llama_gate
     assert "Exception in ASGI application" not in llama_gateway.log_tail(20_000)
 
 
+def _logged_during(server: ServerProcess, action: Any) -> tuple[Any, str]:
+    """What `action()` returned and what the server logged meanwhile."""
+    start = server.log_path.stat().st_size
+    result = action()
+    with open(server.log_path, "rb") as log:
+        log.seek(start)
+        return result, log.read().decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 10_000 + b"]" * 10_000, "nests deeper"),
+        (b'{"model": "m", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests deeper"),
+        (b'{"model": "m", "tools": [{"x": ' + b'{"a": ' * 200 + b"1" + b"}" * 200 + b"}]}", "nests deeper"),
+        (b'{"model": "m", "max_tokens": ' + b"7" * 5000 + b', "messages": []}', "more than 100 digits"),
+        (b'{"model": "m", "temperature": NaN, "messages": []}', "NaN is not a JSON value"),
+    ],
+)
+def test_hostile_json_is_400_without_a_traceback(llama_gateway: ServerProcess, body: bytes, why: str) -> None:
+    response, logged = _logged_during(
+        llama_gateway, lambda: post(llama_gateway, CHAT, content=body, headers={"content-type": "application/json"})
+    )
+    error = assert_openai_error(response, 400)
+    assert error["message"].startswith("We could not parse the JSON body") and why in error["message"], error
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert "Traceback" not in logged and "unhandled error" not in logged
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
+        (CHAT, b'{"model": "%s", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\uDFFF"}]}]}', "messages.0.content.0.text"),
+        (CHAT, b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udbff"]}', "stop.0"),
+        ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800 once"}', "prompt"),
+        # Unescaped, as UTF-8 bytes: not UTF-8 proper, but json.loads decodes it.
+        ("/v1/completions", b'{"model": "%s", "prompt": "once \xed\xa0\x80"}', "prompt"),
+    ],
+)
+def test_lone_surrogate_is_400_naming_the_param(llama_gateway: ServerProcess, path: str, body: bytes, param: str) -> None:
+    """llama.cpp's text.encode() failed on these (a 502); no engine may see one."""
+    before = scrape(llama_gateway.base_url)
+    response = post(llama_gateway, path, content=body % MODEL.encode(), headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400, param)
+    assert "surrogate" in error["message"] and f"'{param}'" in error["message"]
+    after = scrape(llama_gateway.base_url)
+    assert value(after, "tuneserve_requests_total", status="400", backend="none") == value(before, "tuneserve_requests_total", status="400", backend="none") + 1
+
+
+def test_a_surrogate_in_a_key_is_400_and_a_pair_is_text(llama_gateway: ServerProcess) -> None:
+    body = b'{"model": "%s", "\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
+    error = assert_openai_error(post(llama_gateway, CHAT, content=body, headers={"content-type": "application/json"}), 400)
+    assert error["param"] is None and "surrogate" in error["message"]
+    # A pair is one character (U+1F600), and an escaped backslash is no escape at all.
+    fine = b'{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "\\ud83d\\ude00 \\\\ud800"}]}' % MODEL.encode()
+    assert post(llama_gateway, CHAT, content=fine, headers={"content-type": "application/json"}).status_code == 200
+
+
+class _RecordingEngine(Engine):
+    """Answers every request with one token, and keeps what it was asked."""
+
+    name = "llamacpp"
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    def is_ready(self) -> bool:
+        return True
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(self.name, True)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        self.requests.append(request)
+        yield TextDelta("x", finish_reason="length")
+        yield Usage(1, 1)
+
+
+def test_no_engine_sees_a_lone_surrogate(tmp_path: Path) -> None:
+    """Refused while parsing, before routing: vLLM (first in line) as much as llama.cpp."""
+    engine = _RecordingEngine()
+    client = TestClient(create_app(load_settings(environ={"TUNESERVE_DATA_DIR": str(tmp_path)}), engines=[engine]))
+    bad = b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL.encode()
+    assert_openai_error(client.post(CHAT, content=bad), 400, "messages.0.content")
+    assert engine.requests == []
+    assert client.post(CHAT, json=GOOD).status_code == 200  # the engine does serve
+    assert len(engine.requests) == 1
+
+
+def test_null_max_tokens_on_completions_is_openais_16(client: OpenAI) -> None:
+    """Chat's null means "up to the context"; the legacy completions default to 16 either way."""
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=None, temperature=0)
+    assert completion.usage is not None and completion.usage.completion_tokens <= 16
+    assert completion.choices[0].finish_reason == "length"  # it ran into the 16, not into an end of text
+
+
+def test_too_large_budget_names_the_param_the_client_sent(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as old:
+        client.chat.completions.create(model=MODEL, messages=GOOD["messages"], max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError) as new:
+        client.chat.completions.create(model=MODEL, messages=GOOD["messages"], max_completion_tokens=100_000)
+    for info, param in ((old, "max_tokens"), (new, "max_completion_tokens")):
+        assert isinstance(info.value.body, dict)
+        assert info.value.body["param"] == param and info.value.body["code"] == "context_length_exceeded"
+
+
 def test_prompt_longer_than_context_is_400(llama_gateway: ServerProcess) -> None:
     long_text = "hello " * 3000
     error = assert_openai_error(post(llama_gateway, CHAT, json={**GOOD, "messages": [{"role": "user", "content": long_text}]}), 400)
@@ -144,7 +264,7 @@ def test_openai_client_raises_typed_errors(client: OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=GOOD["messages"])
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[])
-    assert info.value.body["param"] == "messages"
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "messages"
 
 
 class _Item(BaseModel):

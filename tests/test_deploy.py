@@ -22,6 +22,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from tests.support.servers import ROOT
+from tuneserve.config import Settings
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"
@@ -170,7 +171,11 @@ def test_compose_config_accepts_the_file() -> None:
     # Prometheus scrapes the compose services by name; Grafana reads that Prometheus.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
-    assert targets == {"gateway": ["gateway:8000"], "vllm": ["vllm:8000"]}
+    # The gateway's /metrics: its own listener, on the compose network only.
+    metrics_port = int(services["gateway"]["environment"]["TUNESERVE_SERVER__METRICS__PORT"])
+    assert targets == {"gateway": [f"gateway:{metrics_port}"], "vllm": ["vllm:8000"]}
+    published = {int(str(p["target"] if isinstance(p, dict) else p).split(":")[-1]) for p in services["gateway"]["ports"]}
+    assert published == {8000} and metrics_port not in published
     assert services["gateway"]["environment"]["TUNESERVE_ENGINES__VLLM__URL"] == "http://vllm:8000"
     datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
@@ -290,15 +295,51 @@ def test_k8s_services_and_servicemonitor_select_the_pods() -> None:
         assert service["spec"]["selector"].items() <= pods[deployment].items()
         port_names = {p["name"] for p in container(named(docs, "Deployment", deployment))["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
-    (monitor,) = by_kind(docs, "ServiceMonitor")
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    selected = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
-    assert len(selected) == 2
-    # Job names as in deploy/prometheus, which the dashboard and alerts use.
-    assert {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in selected} == {"gateway", "vllm"}
-    for endpoint in monitor["spec"]["endpoints"]:
-        assert endpoint["path"] == "/metrics"
-        assert all(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+    jobs = {}
+    for monitor in by_kind(docs, "ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        selected = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["path"] == "/metrics"
+            assert all(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+        for s in selected:
+            jobs[s["metadata"]["labels"][monitor["spec"]["jobLabel"]]] = (s, monitor["spec"]["endpoints"])
+    # Job names as in deploy/prometheus, which the dashboard and alerts use; each
+    # Service scraped by one monitor only.
+    assert set(jobs) == {"gateway", "vllm"}
+    assert sum(len(m["spec"]["endpoints"]) for m in by_kind(docs, "ServiceMonitor")) == 2
+
+
+def test_k8s_gateway_metrics_need_the_metrics_port_and_token() -> None:
+    """/metrics names tenants and adapters: scraped on its own port, with the Secret's token."""
+    docs = rendered()
+    (monitor,) = [m for m in by_kind(docs, "ServiceMonitor") if m["spec"]["selector"]["matchLabels"].get("tuneserve.dev/job") == "gateway"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service = named(docs, "Service", "tuneserve-gateway")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert endpoint["port"] == "metrics"  # never "http", the port clients reach
+    secret = named(docs, "Secret", "tuneserve-keys")
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer" and credentials["name"] == "tuneserve-keys"
+    assert len(secret["stringData"][credentials["key"]]) >= 16
+    # The gateway listens for metrics where the Service sends them, and reads the same
+    # Secret key from the file its config names.
+    gateway = named(docs, "Deployment", "tuneserve-gateway")
+    c = container(gateway)
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"]["targetPort"] == "metrics"
+    settings = yaml.safe_load(named(docs, "ConfigMap", "tuneserve-config")["data"]["tuneserve.yaml"])
+    metrics = settings["server"]["metrics"]
+    assert metrics["port"] == container_ports["metrics"] != settings["server"]["port"] == container_ports["http"]
+    token_file = Path(metrics["token_file"])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [n for n, path in mounts.items() if Path(path) == token_file.parent]
+    source = volumes[name]["secret"]
+    assert source["secretName"] == "tuneserve-keys"
+    assert {"key": credentials["key"], "path": token_file.name} in source["items"]
+    # And the whole config is one the gateway accepts.
+    assert Settings.model_validate(settings).server.metrics.port == metrics["port"]
 
 
 # --- Prometheus and Grafana -------------------------------------------------------

@@ -13,7 +13,7 @@ from serving.api.app import create_app
 from serving.api.error_map import DOMAIN_ERRORS, GENERATION_ERRORS, api_error, error_statuses
 from serving.api.error_schema import ErrorDetail, OpenAIError
 from serving.api.status_routes import EnginesNotReady, EngineState
-from serving.errors import FALLBACK_REASONS, ApiError, EngineUnavailable
+from serving.errors import FALLBACK_REASONS, ApiError, BodyTimeout, EngineUnavailable, ServerBusy, retry_after
 from tests.support.servers import ROOT
 from tuneserve.adapters.registry import AdapterNotFound
 from tuneserve.adapters.validation import AdapterRejected
@@ -94,7 +94,33 @@ def test_not_ready_body_is_an_error_with_engines() -> None:
 
 def test_generation_error_statuses_come_from_the_error_classes() -> None:
     statuses = error_statuses(GENERATION_ERRORS)
-    assert list(statuses) == ["400", "401", "404", "413", "429", "502", "503", "504"]
+    assert list(statuses) == ["400", "401", "404", "408", "413", "429", "502", "503", "504"]
+
+
+def test_openapi_documents_what_the_generation_routes_answer(tmp_path: Path) -> None:
+    """Every status the generation routes answer with, each in the OpenAI error shape."""
+    app = create_app(load_settings(environ={"TUNESERVE_DATA_DIR": str(tmp_path)}), engines=[])
+    schema = TestClient(app).get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert set(components["ErrorDetail"]["properties"]) == set(ErrorDetail.model_fields)
+    assert components["OpenAIError"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorDetail"}
+    documented = error_statuses(GENERATION_ERRORS)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        errors = {status: doc for status, doc in responses.items() if status != "200"}
+        # The 408 and 503 of the body gate, the 413 of the size limit, the engines' 429/502/503/504...
+        assert set(errors) == {"400", "401", "404", "408", "413", "429", "502", "503", "504"} == set(documented)
+        for doc in errors.values():
+            assert doc["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIError"}
+    assert str(BodyTimeout.status_code) in documented and "server_busy" in documented[str(ServerBusy.status_code)]
+
+
+@pytest.mark.parametrize(
+    ("estimate", "header"),
+    [(0.0, "1"), (-3.0, "1"), (0.2, "1"), (2.1, "3"), (59.5, "60"), (3600.0, "60"), (float("inf"), "60"), (float("nan"), "60")],
+)
+def test_retry_after_is_whole_seconds_within_a_minute(estimate: float, header: str) -> None:
+    assert retry_after(estimate) == {"Retry-After": header}
 
 
 def _reason_literals() -> list[tuple[str, str]]:

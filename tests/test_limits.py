@@ -67,3 +67,30 @@ def test_a_slot_is_released_once() -> None:
     limiter.admit("a")
     with pytest.raises(RateLimited, match="in flight"):
         limiter.admit("a")
+
+
+def test_concurrency_retry_after_follows_the_tenants_request_times() -> None:
+    clock = ManualClock(1000.0)
+    limiter = TenantLimiter(TenantLimits(concurrent_requests=1), {}, clock)
+    slow = limiter.admit("a")
+    clock.now += 20
+    slow.release(0)
+    held = limiter.admit("a")
+    with pytest.raises(RateLimited, match="in flight") as info:
+        limiter.admit("a")
+    assert info.value.headers["Retry-After"] == "20"  # its one request in flight takes ~20 s
+    held.release(0)  # at once: a fifth of the way from 20 s to 0
+    limiter.admit("a")
+    with pytest.raises(RateLimited) as info:
+        limiter.admit("a")
+    assert info.value.headers["Retry-After"] == "16"
+
+
+def test_retry_after_stays_within_a_minute() -> None:
+    clock = ManualClock(1000.0)
+    limiter = TenantLimiter(TenantLimits(tokens_per_minute=1), {}, clock)
+    limiter.acquire("a")
+    limiter.release("a", 1000)  # a debt that takes 1000 minutes to repay
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire("a")
+    assert info.value.headers["Retry-After"] == "60"

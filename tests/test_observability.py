@@ -6,6 +6,8 @@ tenants with adapters on vLLM (a one-slot LoRA cache, so adapters are evicted an
 reloaded), and a gateway whose vLLM is unreachable, so requests fall back to llama.cpp
 and some time out (504). Then every PromQL expression of the dashboard and of the
 alert rules is evaluated through Prometheus's HTTP API and must parse and return data.
+Prometheus scrapes the gateways as deploy/k8s does: on their metrics listener, with the
+metrics bearer token from a file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from tests.support.adapters import make_adapter, tar_gz_bytes
-from tests.support.prometheus import ALERTS, Prometheus, host
+from tests.support.prometheus import ALERTS, Prometheus, bearer_token_file, host
 from tests.support.servers import DATA_DIR, MODEL, ROOT, ServerProcess, free_port, gateway
 from tests.test_tenant_gateway import cli
 
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.vllm
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tuneserve.json"
 ADMIN_KEY = "admin-key-for-observability-tests"
+METRICS_TOKEN = "metrics-token-for-observability-tests"
 TENANTS = {"acme": "support", "globex": "sales"}
 # Traffic runs until every kind of request happened a few times (rate() needs a counter
 # to grow between scrapes), at least MIN_S and at most MAX_S: the CPU may be shared.
@@ -39,7 +42,7 @@ LONG_TENANT = "acme"  # sends the requests that outlast the fallback gateway's t
 COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*([0-9.]+)\s*$")
 
 
-def model_settings(data_dir: Path) -> dict[str, Any]:
+def model_settings(data_dir: Path, metrics_port: int) -> dict[str, Any]:
     model_dir = DATA_DIR / "models" / MODEL
     return {
         "data_dir": data_dir,
@@ -47,7 +50,18 @@ def model_settings(data_dir: Path) -> dict[str, Any]:
         "model.gguf_path": model_dir / "model.gguf",
         "auth.enabled": "true",
         "auth.admin_key": ADMIN_KEY,
+        "server.metrics.port": metrics_port,
+        "server.metrics.token_file": token_file(data_dir),
     }
+
+
+def token_file(data_dir: Path) -> Path:
+    return data_dir / "metrics-token"
+
+
+def metrics_host(server: ServerProcess) -> str:
+    """Where Prometheus scrapes `server`: its metrics listener, the `instance` label."""
+    return f"127.0.0.1:{server.command[server.command.index('--server.metrics.port') + 1]}"
 
 
 class Traffic:
@@ -137,10 +151,11 @@ class Traffic:
 def observed(vllm: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, Traffic]]:
     data_dir = tmp_path_factory.mktemp("observability-data")
     keys = {tenant: cli(data_dir, "tenants", "create", tenant) for tenant in TENANTS}
+    token_file(data_dir).write_text(METRICS_TOKEN + "\n")  # Prometheus and the gateway strip it
     primary = gateway(
         "gw-observed",
         {
-            **model_settings(data_dir),
+            **model_settings(data_dir, free_port()),
             "engines.vllm.enabled": "true",
             "engines.vllm.url": vllm.base_url,
             "engines.vllm.max_loras": 1,
@@ -151,7 +166,7 @@ def observed(vllm: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> I
     fallback = gateway(
         "gw-observed-fallback",
         {
-            **model_settings(data_dir),
+            **model_settings(data_dir, free_port()),
             "engines.vllm.enabled": "true",
             "engines.vllm.url": f"http://127.0.0.1:{free_port()}",
             "server.request_timeout_s": 5,
@@ -176,7 +191,8 @@ def observed(vllm: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> I
             assert r.status_code == 201, r.text
         prometheus = Prometheus(
             tmp_path_factory.mktemp("prometheus"),
-            {"gateway": [host(primary), host(fallback)], "vllm": [host(vllm)]},
+            {"gateway": [metrics_host(primary), metrics_host(fallback)], "vllm": [host(vllm)]},
+            jobs={"gateway": bearer_token_file(token_file(data_dir))},
         ).start()
         # The first scrapes see every series before traffic, so rate() covers all of it.
         wait_for_targets(prometheus)
@@ -281,5 +297,5 @@ def test_outage_alerts_go_active(observed: tuple[Prometheus, Traffic]) -> None:
     names = {name for name, _ in active}
     assert {"TuneserveBackendDown", "TuneserveFallbackActive"} <= names, active
     down = {instance for name, instance in active if name == "TuneserveBackendDown"}
-    assert down == {host(traffic.fallback)}, active  # only the gateway whose vLLM is gone
+    assert down == {metrics_host(traffic.fallback)}, active  # only the gateway whose vLLM is gone
     assert "TuneserveTargetDown" not in names, active  # every target is scraped

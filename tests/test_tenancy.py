@@ -155,14 +155,14 @@ def test_cli_refusals_exit_2_and_are_audited(tmp_path: Path) -> None:
         assert missing.returncode == 2 and missing.stdout == ""
         assert "no tenant named 'nope'" in missing.stderr
 
-    failed = [line for line in audit_lines(tmp_path) if line["result"] == "failed"]
-    assert [(line["action"], line["target"]) for line in failed] == [
+    refused = [line for line in audit_lines(tmp_path) if line["result"] == "refused"]
+    assert [(line["action"], line["target"]) for line in refused] == [
         ("tenant.create", "Acme"),
         ("tenant.create", "acme"),
         ("tenant.delete", "nope"),
         ("tenant.rotate_key", "nope"),
     ]
-    assert all(line["error"] for line in failed)
+    assert all(line["error"] for line in refused)
 
 
 def test_concurrent_creates_on_a_fresh_database(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from tuneserve.errors import TuneserveError
+
 AUDIT_FILENAME = "audit.log"
 _FIELDS = ("ts", "actor", "action", "target", "result")
 
@@ -65,12 +67,14 @@ class AuditLog:
     def recording(
         self, actor: str, action: str, target: str, **details: Any
     ) -> Iterator[dict[str, Any]]:
-        """Record the block's outcome: result "ok", or "failed" with the error's message
+        """Record the block's outcome: result "ok", "refused" (a TuneserveError: the
+        request was turned down) or "failed" (anything else), with the error's message
         (and the error re-raised). The block may add details to the yielded dict."""
         extra: dict[str, Any] = {}
         try:
             yield extra
         except Exception as exc:
-            self.record(actor, action, target, "failed", **{**details, **extra, "error": str(exc)})
+            result = "refused" if isinstance(exc, TuneserveError) else "failed"
+            self.record(actor, action, target, result, **{**details, **extra, "error": str(exc)})
             raise
         self.record(actor, action, target, "ok", **{**details, **extra})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from tuneserve.errors import ConfigError
 
@@ -26,6 +26,66 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class MetricsConfig(_Section):
+    """How /metrics is protected, and how many tenant/adapter label values it may carry.
+
+    Its labels name tenants and their adapters, so an open /metrics would tell anyone
+    who reaches the port which adapters exist, which the API never does. Serving it is
+    refused with auth enabled unless a token or a separate port protects it (see
+    serving/metrics_access.py).
+    """
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port, on a second listener that serves nothing "
+        "else; server.port then answers 404 for /metrics. Default: on server.port.",
+    )
+    host: str | None = Field(
+        None, description="Address of the metrics listener (with port). Default: server.host."
+    )
+    # SecretStr: neither a printed Settings nor a dump of it shows the token.
+    token: SecretStr | None = Field(
+        None,
+        repr=False,
+        description="Bearer token /metrics requires: at least 16 ASCII characters, no "
+        "spaces. Prefer token_file, which keeps it out of the environment.",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token (e.g. a mounted Secret; surrounding "
+        "whitespace is ignored). Read at start-up and again whenever the file changes.",
+    )
+    max_tenant_labels: int = Field(
+        50,
+        ge=1,
+        description="Tenants that get their own `tenant` label value, first come first "
+        "served; requests of later ones are labelled tenant `_other`.",
+    )
+    max_adapter_labels: int = Field(
+        200,
+        ge=1,
+        description="Tenant/adapter pairs that get their own `adapter` label value, first "
+        "come first served; requests for later ones are labelled adapter `_other`.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # Checked here rather than with min_length, whose message on a SecretStr speaks of "items".
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return token
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> "MetricsConfig":
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
@@ -35,9 +95,29 @@ class ServerConfig(_Section):
     request_timeout_s: float = Field(
         600.0, gt=0, description="Upper bound on one request's total generation time."
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time a client has to send its whole request body, from when the "
+        "gateway starts reading it; slower gets 408 and the connection is closed.",
+    )
+    max_pending_bodies: int = Field(
+        64,
+        ge=1,
+        description="Requests whose bodies are still arriving (adapter uploads included), all "
+        "clients together; past it, new requests get 503 `server_busy`, before auth.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
     )
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _metrics_port_differs(self) -> "ServerConfig":
+        # Requests are told apart by the local port they arrived on, whatever the host.
+        if self.metrics.port == self.port:
+            raise ValueError("metrics.port must differ from port")
+        return self
 
 
 class ModelConfig(_Section):
@@ -247,6 +327,30 @@ class AdaptersConfig(_Section):
     )
     max_files: int = Field(
         64, ge=1, description="Most files and directories an adapter upload may contain."
+    )
+    max_concurrent_uploads: int = Field(
+        2,
+        ge=1,
+        description="Adapter uploads a gateway validates and converts at once (each holds "
+        "about one float32 copy of its weights); uploads that have arrived wait for a place.",
+    )
+    max_concurrent_uploads_per_tenant: int = Field(
+        1,
+        ge=1,
+        description="Adapter uploads one tenant (or the admin) may have in progress at once, "
+        "arriving or processed; more get 429 `too_many_uploads` before their body is read.",
+    )
+    upload_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Time a client has to send a whole adapter upload (server.body_timeout_s "
+        "is for generation requests); slower gets 408 and the connection is closed.",
+    )
+    reconcile_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often a gateway unloads from its engines the adapters the registry "
+        "no longer serves (removed or replaced from the CLI, or their tenant deleted).",
     )
     base_aliases: list[str] = Field(
         default_factory=lambda: ["HuggingFaceTB/SmolLM2-135M-Instruct"],

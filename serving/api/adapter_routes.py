@@ -1,33 +1,35 @@
 """`/v1/adapters`: upload, list and delete tenants' LoRA adapters.
 
 Uploads are multipart (`name`, `file` = .tar.gz or .zip of a PEFT adapter dir); an
-admin may name the `tenant` and give a server-side `path` instead of a file. The
-registry validates everything before it stores anything; a rejection is a 4xx that
-says what to fix (error_map.py says which). Deleting (or replacing) an adapter also
-unloads it from the engines.
+admin may name the `tenant` and give a server-side `path` instead of a file. The body
+is counted as it arrives (upload_form.py) and uploads in progress are bounded
+(upload_slots.py). The registry validates everything before it stores anything; a
+rejection is a 4xx that says what to fix (error_map.py says which). Every request
+after authentication is audited, refusals included (audited.py). Deleting (or
+replacing) an adapter also unloads it from the engines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
 
 from serving.access import Tenancy, actor
+from serving.api.adapter_docs import UPLOAD_DOCS, error_responses
+from serving.api.audited import AuditScope, audited
+from serving.api.body_gate import close_connection
 from serving.api.error_map import api_error
+from serving.api.upload_form import UploadForm, read_upload_form
+from serving.api.upload_slots import UploadSlots
 from serving.auth import Principal
 from serving.engines.base import Engine
-from serving.errors import Forbidden, InvalidRequest, PayloadTooLarge
+from serving.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, Unauthorized
 from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord
 from tuneserve.tenants.store import TenantNotFound
-
-# Room for the multipart envelope and the form fields around the archive.
-_MULTIPART_OVERHEAD = 64 * 1024
 
 
 def adapter_json(record: AdapterRecord, base: str) -> dict[str, Any]:
@@ -52,93 +54,115 @@ def _target_tenant(tenancy: Tenancy, principal: Principal, requested: str | None
         raise InvalidRequest("An admin must name the adapter's 'tenant'.", param="tenant")
     if tenant != principal.tenant and not principal.is_admin:
         raise Forbidden("Only an admin can manage another tenant's adapters.", param="tenant")
-    if tenancy.settings.auth.enabled:
+    _owner_check(tenancy, tenant)()
+    return tenant
+
+
+def _owner_check(tenancy: Tenancy, tenant: str) -> Callable[[], object]:
+    """What the registry calls under its lock before publishing: with auth on, the
+    tenant must still exist (a tenant deleted during the upload gets nothing stored)."""
+    if not tenancy.settings.auth.enabled:
+        return lambda: None
+
+    def check() -> None:
         try:
             tenancy.tenants.get(tenant)
         except TenantNotFound as exc:
             raise api_error(exc, tenant) from None
-    return tenant
+
+    return check
 
 
 def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[Engine]) -> None:
     base = tenancy.settings.model.name
-    max_upload = tenancy.settings.adapters.max_bytes + _MULTIPART_OVERHEAD
+    limits = tenancy.settings.adapters
     uploads_dir = tenancy.settings.data_dir / "tmp"
+    slots = UploadSlots(limits.max_concurrent_uploads, limits.max_concurrent_uploads_per_tenant)
 
     async def unload_everywhere(engine_name: str) -> None:
         for engine in engines:
             await engine.unload_adapter(engine_name)
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/adapters", status_code=201, **UPLOAD_DOCS)
     async def upload_adapter(request: Request) -> JSONResponse:
-        principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload:
-            raise PayloadTooLarge(f"Upload is {declared} bytes; the limit is {max_upload} bytes.", param="file")
-        content_type = request.headers.get("content-type", "")
-        # urlencoded carries no file, but is how an admin may send just `path`.
-        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise InvalidRequest("Send the adapter as multipart/form-data with fields 'name' and 'file'.")
-        async with request.form(max_files=1, max_fields=8) as form:
-            name = form.get("name")
-            if not isinstance(name, str) or not name:
-                raise InvalidRequest("Missing required field 'name'.", param="name")
-            requested_tenant = form.get("tenant")
-            tenant = _target_tenant(tenancy, principal, requested_tenant if isinstance(requested_tenant, str) else None)
-            upload, server_path = form.get("file"), form.get("path")
-            if isinstance(server_path, str) and server_path:
-                if not principal.is_admin:
-                    raise Forbidden("Only an admin may register an adapter from a server path.", param="path")
-                record = await _add(tenancy, principal, tenant, name, Path(server_path), unload_everywhere)
-            elif isinstance(upload, UploadFile):
-                uploads_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=uploads_dir, prefix="upload-") as spooled:
-                    await asyncio.to_thread(_copy_capped, upload, spooled, max_upload)
-                    record = await _add(tenancy, principal, tenant, name, Path(spooled.name), unload_everywhere)
-            else:
-                raise InvalidRequest("Missing required field 'file' (a .tar.gz or .zip of a PEFT adapter dir).", param="file")
+        try:
+            principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+        except ApiError as exc:  # answered before the body is read
+            raise close_connection(exc) from None
+        with audited(tenancy.audit, principal, "adapter.add", f"{principal.tenant or ''}/") as scope:
+            form = UploadForm()
+            try:
+                with slots.uploader(actor(principal)):
+                    async with read_upload_form(
+                        request, form, max_file_bytes=limits.max_bytes, spool_dir=uploads_dir,
+                        timeout_s=limits.upload_timeout_s,
+                    ), slots.processing():
+                        record = await _upload(tenancy, principal, form, scope, unload_everywhere)
+            finally:
+                scope.target = _upload_target(principal, form)
         return JSONResponse(adapter_json(record, base), status_code=201)
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=error_responses(Unauthorized))
     async def list_adapters(request: Request) -> dict[str, Any]:
         principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
         records = await asyncio.to_thread(tenancy.visible_adapters, principal)
         return {"object": "list", "data": [adapter_json(r, base) for r in records]}
 
-    @app.delete("/v1/adapters/{model:path}")
-    async def delete_adapter(model: str, request: Request) -> dict[str, Any]:
+    @app.delete(
+        "/v1/adapters/{model:path}",
+        responses={200: {"description": "The adapter and all its versions are gone"},
+                   **error_responses(InvalidRequest, Unauthorized, ModelNotFound)},
+    )
+    async def delete_adapter(request: Request) -> dict[str, Any]:
+        # Read from the path, not declared as a parameter: FastAPI would then document a
+        # 422 this route never answers.
+        model: str = request.path_params["model"]
         principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
-        # Same addressing as `model` in a completion: another tenant's adapter is a 404.
-        record = await asyncio.to_thread(tenancy.resolve_model, principal, model)
-        if record is None:
-            raise InvalidRequest("The base model cannot be deleted.", param="model")
-        with tenancy.audit.recording(actor(principal), "adapter.delete", f"{record.tenant}/{record.name}"):
+        with audited(tenancy.audit, principal, "adapter.delete", model) as scope:
+            # Same addressing as `model` in a completion: another tenant's adapter is a 404.
+            record = await asyncio.to_thread(tenancy.resolve_model, principal, model)
+            if record is None:
+                raise InvalidRequest("The base model cannot be deleted.", param="model")
+            scope.target = f"{record.tenant}/{record.name}"
             try:
                 removed = await asyncio.to_thread(tenancy.registry.remove, record.tenant, record.name)
             except AdapterNotFound as exc:  # removed meanwhile
                 raise api_error(exc, model) from None
+            scope.details["version"] = removed.version
         await unload_everywhere(removed.engine_name)
         return {"id": removed.name, "object": "adapter", "tenant": removed.tenant, "deleted": True}
 
 
-def _copy_capped(upload: UploadFile, out: Any, limit: int) -> None:
-    upload.file.seek(0)
-    copied = 0
-    while chunk := upload.file.read(1 << 20):
-        copied += len(chunk)
-        if copied > limit:
-            raise PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.", param="file")
-        out.write(chunk)
-    out.flush()
+def _upload_target(principal: Principal, form: UploadForm) -> str:
+    return f"{form.fields.get('tenant') or principal.tenant or ''}/{form.fields.get('name', '')}"
 
 
-async def _add(tenancy: Tenancy, principal: Principal, tenant: str, name: str, source: Path, unload: Any) -> AdapterRecord:
-    previous = await asyncio.to_thread(tenancy.registry.get, tenant, name)
+async def _upload(
+    tenancy: Tenancy, principal: Principal, form: UploadForm, scope: AuditScope, unload: Callable[[str], Awaitable[None]]
+) -> AdapterRecord:
+    name = form.fields.get("name", "")
+    requested_tenant = form.fields.get("tenant") or None
+    if not name:
+        raise InvalidRequest("Missing required field 'name'.", param="name")
+    tenant = _target_tenant(tenancy, principal, requested_tenant)
+    server_path = form.fields.get("path")
+    if server_path:
+        if not principal.is_admin:
+            raise Forbidden("Only an admin may register an adapter from a server path.", param="path")
+        source = Path(server_path)
+        scope.details["source"] = "path"
+    elif form.file is not None:
+        source = form.file
+        scope.details["upload_bytes"] = form.file_bytes
+    else:
+        raise InvalidRequest("Missing required field 'file' (a .tar.gz or .zip of a PEFT adapter dir).", param="file")
     # A rejection (AdapterRejected) reaches the client through the edge's error table.
-    with tenancy.audit.recording(actor(principal), "adapter.add", f"{tenant}/{name}"):
-        record = await asyncio.to_thread(tenancy.registry.add, tenant, name, source)
-    if previous is not None:
-        # The old version can never be addressed again; free it on the engines.
-        await unload(previous.engine_name)
-    return record
-
+    added = await asyncio.to_thread(
+        tenancy.registry.add_version, tenant, name, source, _owner_check(tenancy, tenant)
+    )
+    scope.details["version"] = added.record.version
+    if added.replaced is not None:
+        # Read under the registry's lock: the version this upload really made
+        # unaddressable, even when another upload of the same name ran alongside.
+        await unload(added.replaced.engine_name)
+    return added.record

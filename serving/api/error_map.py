@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from serving.errors import (
     ApiError,
+    BodyTimeout,
     EngineFailed,
     InvalidRequest,
     ModelNotFound,
@@ -20,6 +21,7 @@ from serving.errors import (
     PayloadTooLarge,
     QueueFull,
     RequestTimeout,
+    ServerBusy,
     Unauthorized,
 )
 from serving.limits import RateLimited
@@ -67,15 +69,20 @@ def api_error(exc: Exception, subject: str | None = None) -> ApiError:
 
 ErrorDocs = tuple[tuple[tuple[type[ApiError], ...], str], ...]
 
-# In status order; QueueFull and RateLimited share 429.
+# In status order; QueueFull and RateLimited share 429, NoEngineAvailable and ServerBusy 503.
 GENERATION_ERRORS: ErrorDocs = (
     ((InvalidRequest,), "Bad parameters, malformed JSON or empty messages"),
     ((Unauthorized,), "Missing or unknown API key"),
     ((ModelNotFound,), "Unknown model (`model_not_found`)"),
+    ((BodyTimeout,), "The body did not arrive within `server.body_timeout_s` (`request_timeout`)"),
     ((PayloadTooLarge,), "Body over the size limit"),
     ((QueueFull, RateLimited), "A queue or the tenant's rate limit is full (see Retry-After)"),
     ((EngineFailed,), "The engine broke after accepting the request"),
-    ((NoEngineAvailable,), "No engine can serve the request"),
+    (
+        (NoEngineAvailable, ServerBusy),
+        "No engine can serve the request, or too many request bodies are arriving at once "
+        "(`server_busy`); see Retry-After",
+    ),
     ((RequestTimeout,), "Generation did not finish within the request timeout"),
 )
 

@@ -18,12 +18,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from serving.access import ADMIN_LABEL, Tenancy, to_ref
+from serving.api.body_gate import BodyGate
 from serving.api.chat_tools import ChatPlan, plan_chat
 from serving.api.parsing import parse_body, read_body
 from serving.api.responses import SSE_DONE, ChoiceOutput, ResponseFormatter, sse
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.engines.base import AdapterRef, GenerationRequest, TextDelta
-from serving.errors import ApiError, EngineFailed, RequestTimeout
+from serving.errors import ApiError, EngineFailed, InvalidRequest, RequestTimeout
 from serving.limits import TenantSlot
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
@@ -91,8 +92,10 @@ class GenerationService:
         max_body_bytes: int,
         timeout_s: float,
         tool_format: ToolFormat,
+        bodies: BodyGate,
     ) -> None:
         self.tool_format = tool_format
+        self.bodies = bodies
         self.router = router
         self.metrics = metrics
         self.tenancy = tenancy
@@ -128,9 +131,12 @@ class GenerationService:
     async def _serve(
         self, http: Request, send: Send, route: GenerationRoute, timer: RequestTimer, watch: HangUpWatch
     ) -> None:
-        principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
-        timer.tenant = principal.tenant or ADMIN_LABEL
-        raw = await read_body(http, self.max_body_bytes)
+        # Auth inside the gate: a client without a key counts against the bound on
+        # bodies in flight too, and its refusal closes the connection its body is on.
+        async with self.bodies.reading():
+            principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
+            timer.tenant = principal.tenant or ADMIN_LABEL
+            raw = await read_body(http, self.max_body_bytes)
         watch.arm()
         body = parse_body(raw, route.body)
         record = self.tenancy.resolve_model(principal, body.model)
@@ -170,6 +176,11 @@ class GenerationService:
                 routed = await self.router.open(request)
         except TimeoutError:
             raise self._timeout() from None
+        except InvalidRequest as exc:
+            if exc.param == "max_tokens":
+                # Engines know one budget; the client may have named it max_completion_tokens.
+                exc.param = body.max_tokens_param()
+            raise
         timer.routed(routed.backend)
         formatter = ResponseFormatter(route.kind, request.request_id, body.model)
         parsing = plan.parsing if plan is not None else None
@@ -339,7 +350,7 @@ def to_generation_request(
     request = GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         kind="completion",
-        params=body.sampling(body.max_tokens, body.logprobs, None),
+        params=body.sampling(body.effective_max_tokens(), body.logprobs, None),
         prompt=body.prompt_text(),
         adapter=adapter,
         stream=body.stream,

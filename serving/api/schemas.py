@@ -31,6 +31,7 @@ UNSUPPORTED: dict[str, str] = {
 MAX_CHOICES = 16  # n: each choice costs a whole generation on the CPU engine
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat; completions allow 5
 MAX_COMPLETION_LOGPROBS = 5
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions, also for an explicit null
 # OpenAI's rule for tool and schema names.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -206,11 +207,14 @@ class ChatCompletionRequest(_GenerationBody):
         # OpenAI deprecates max_tokens for max_completion_tokens; the newer one wins.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def max_tokens_param(self) -> str:
+        """The name the client gave the completion budget in, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
 
 class CompletionRequest(_GenerationBody):
     prompt: Union[str, list[str]]
-    # OpenAI's legacy completions default to 16 tokens.
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
@@ -230,6 +234,13 @@ class CompletionRequest(_GenerationBody):
         if echo:
             raise ValueError("echo is not supported")
         return echo
+
+    def effective_max_tokens(self) -> int:
+        # null is OpenAI's default too, not "up to the context" as on chat.
+        return DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
-from serving.api.error_schema import OpenAIError
+from serving.api.error_schema import OpenAIError, error_response_doc
 from serving.engines.base import Engine
-from serving.errors import NoEngineAvailable
+from serving.errors import NoEngineAvailable, Unauthorized
 from serving.metrics import GatewayMetrics
+from serving.metrics_access import MetricsAccess
 from serving.router import Router
 
 
@@ -57,7 +58,24 @@ class PrometheusText(Response):
     media_type = CONTENT_TYPE_LATEST
 
 
-def status_routes(engines: Sequence[Engine], router: Router, metrics: GatewayMetrics) -> APIRouter:
+def metrics_routes(metrics: GatewayMetrics, access: MetricsAccess) -> APIRouter:
+    """/metrics, on the API port or on the metrics listener (serving/api/metrics_listener.py)."""
+    routes = APIRouter()
+    text = {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+    refused = error_response_doc(Unauthorized, "Missing or incorrect metrics token") if access.token else {}
+
+    @routes.get("/metrics", response_class=PrometheusText, responses={200: text, **refused})
+    async def prometheus_metrics(request: Request) -> PrometheusText:
+        """Prometheus metrics; with server.metrics.token(_file), only for that bearer token."""
+        access.authorize(request.headers.get("authorization"))
+        return PrometheusText(generate_latest(metrics.registry))
+
+    return routes
+
+
+def status_routes(
+    engines: Sequence[Engine], router: Router, metrics: GatewayMetrics, access: MetricsAccess
+) -> APIRouter:
     routes = APIRouter()
 
     @routes.get("/health")
@@ -78,10 +96,6 @@ def status_routes(engines: Sequence[Engine], router: Router, metrics: GatewayMet
             raise EnginesNotReady(states)
         return Ready(status="ready", engines=states)
 
-    text = {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
-
-    @routes.get("/metrics", response_class=PrometheusText, responses={200: text})
-    async def prometheus_metrics() -> PrometheusText:
-        return PrometheusText(generate_latest(metrics.registry))
-
+    if access.on_api_port:
+        routes.include_router(metrics_routes(metrics, access))
     return routes

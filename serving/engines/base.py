@@ -161,6 +161,15 @@ class Engine(abc.ABC):
     def loaded_adapters(self) -> int:
         return 0
 
+    def retry_after_s(self) -> float | None:
+        """When the engine may take requests again while it cannot (a 503's Retry-After);
+        None when it cannot tell."""
+        return None
+
+    def loaded_adapter_names(self) -> frozenset[str]:
+        """Engine names of the adapters the engine holds, less those already unloaded."""
+        return frozenset()
+
     async def unload_adapter(self, engine_name: str) -> None:  # noqa: B027 - optional hook
         """Drop an adapter (deleted or replaced) from the engine's caches."""
 

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncGenerator
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed.
+# Job service times are averaged exponentially (recent jobs count most); before the
+# first job ends, a second is the guess.
+_SERVICE_WEIGHT = 0.2
+_UNKNOWN_SERVICE_S = 1.0
 
 
 @dataclass
@@ -49,6 +54,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None  # time.monotonic() when a worker took it
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -151,6 +157,7 @@ class _Worker:
                 job.emit(_DONE)
                 continue
             self.busy = True
+            job.started = time.monotonic()
             try:
                 self._generate(job)
             except ApiError as exc:
@@ -330,11 +337,13 @@ class LlamaCppEngine(Engine):
         self.max_loras = max_loras
         self.observer = observer or NullAdapterObserver()
         self._forgotten = ForgetList()
+        self._forgotten_names: set[str] = set()  # what _forgotten holds, to add each once
         # The vocabulary and compiled output grammars: one GGUF, shared by the workers.
         self._grammars = GrammarSupport()
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._workers: list[_Worker] = []
         self._in_engine = 0
+        self._mean_service_s: float | None = None
         self._error: str = ""
 
     def _load(self) -> Any:
@@ -395,13 +404,32 @@ class LlamaCppEngine(Engine):
     def queue_capacity(self) -> int:
         return self.queue_size
 
+    def _served(self, seconds: float) -> None:
+        mean = self._mean_service_s
+        self._mean_service_s = seconds if mean is None else mean + _SERVICE_WEIGHT * (seconds - mean)
+
+    def drain_time_s(self) -> float:
+        """About when the jobs queued now will all have started: a full queue's Retry-After.
+
+        Not when the first slot frees: every client refused meanwhile would come back
+        then, together, and find the queue full again.
+        """
+        service = self._mean_service_s if self._mean_service_s is not None else _UNKNOWN_SERVICE_S
+        return self.queue_depth() * service / max(1, len(self._workers))
+
     def loaded_adapters(self) -> int:
-        return len(frozenset().union(*(w.adapters.loaded_names for w in self._workers)))
+        return len(self.loaded_adapter_names())
+
+    def loaded_adapter_names(self) -> frozenset[str]:
+        held: frozenset[str] = frozenset().union(*(w.adapters.loaded_names for w in self._workers))
+        return held - self._forgotten_names
 
     async def unload_adapter(self, engine_name: str) -> None:
         # Workers free it before their next job; until then it only holds memory,
         # and versioned names mean no request can reach it again.
-        self._forgotten.add(engine_name)
+        if engine_name not in self._forgotten_names:
+            self._forgotten_names.add(engine_name)
+            self._forgotten.add(engine_name)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if not self._workers:
@@ -410,7 +438,7 @@ class LlamaCppEngine(Engine):
         if self._in_engine >= self.queue_size + len(self._workers):
             raise QueueFull(
                 f"The llama.cpp engine has {self.queue_depth()} requests queued; retry shortly.",
-                retry_after_s=1,
+                retry_after_s=self.drain_time_s(),
             )
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, asyncio.Queue())
@@ -428,5 +456,7 @@ class LlamaCppEngine(Engine):
                 yield item
         finally:
             self._in_engine -= 1
+            if done and job.started is not None:
+                self._served(time.monotonic() - job.started)
             if not done:
                 job.cancelled.set()

@@ -227,6 +227,9 @@ class VLLMEngine(Engine):
     def loaded_adapters(self) -> int:
         return self.adapters.loaded()
 
+    def loaded_adapter_names(self) -> frozenset[str]:
+        return self.adapters.names()
+
     async def unload_adapter(self, engine_name: str) -> None:
         await self.adapters.unload(engine_name)
 
@@ -269,6 +272,11 @@ class VLLMEngine(Engine):
 
     def is_ready(self) -> bool:
         return self._up and self.breaker.state != "open"
+
+    def retry_after_s(self) -> float | None:
+        if not self._up:
+            return self.config.health_interval_s  # the next probe may find it back
+        return self.breaker.seconds_until_trial() or None
 
     def status(self) -> EngineStatus:
         extra: dict[str, Any] = {"url": self.url, "circuit": self.breaker.state}

@@ -41,6 +41,9 @@ class VLLMAdapterManager:
     def loaded(self) -> int:
         return len(self._in_use)
 
+    def names(self) -> frozenset[str]:
+        return frozenset(self._in_use)
+
     def reset(self) -> None:
         """vLLM restarted: nothing is registered there any more."""
         self._in_use.clear()

@@ -6,9 +6,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def scrape(base_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Sample name -> [(labels, value)]."""
-    text = httpx.get(base_url + "/metrics", timeout=10).text
+def scrape(base_url: str, token: str | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> [(labels, value)]; `token`: server.metrics's bearer token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = httpx.get(base_url + "/metrics", headers=headers, timeout=10)
+    r.raise_for_status()
+    text = r.text
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -15,9 +15,18 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 
 class Prometheus:
-    """Scrapes `targets` ({job: ["host:port"]}) with the project's alert rules loaded."""
+    """Scrapes `targets` ({job: ["host:port"]}) with the project's alert rules loaded.
 
-    def __init__(self, workdir: Path, targets: dict[str, list[str]], interval: str = "1s") -> None:
+    `jobs` adds to a job's scrape config, e.g. {"gateway": bearer_token_file(path)}.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: dict[str, list[str]],
+        interval: str = "1s",
+        jobs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus is not installed: run `make deploy-tools` (Debian package prometheus)")
@@ -25,7 +34,8 @@ class Prometheus:
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "rule_files": [str(ALERTS)],
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()
+                {"job_name": job, "static_configs": [{"targets": hosts}], **(jobs or {}).get(job, {})}
+                for job, hosts in targets.items()
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -69,3 +79,8 @@ class Prometheus:
 
 def host(server: ServerProcess) -> str:
     return server.base_url.removeprefix("http://")
+
+
+def bearer_token_file(path: Path) -> dict[str, Any]:
+    """How deploy/ scrapes the gateway's /metrics: the ServiceMonitor's `authorization`."""
+    return {"authorization": {"type": "Bearer", "credentials_file": str(path)}}

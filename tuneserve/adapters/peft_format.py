@@ -31,6 +31,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What save_pretrained(safe_serialization=False) writes instead of ADAPTER_WEIGHTS: a
 # pickle, which is never loaded, only recognised to say how to re-save the adapter.
 PICKLED_WEIGHTS = "adapter_model.bin"
+# A real config is a few KiB, a few levels deep. The caps come before anything reads
+# it: json and every reader after it recurse per level (a RecursionError is no answer).
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_DEPTH = 32
 
 LoraPart = Literal["A", "B"]
 T = TypeVar("T")
@@ -66,6 +70,20 @@ class ConfigNotObject(PeftFormatError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path} is not a JSON object")
         self.path = path
+
+
+class ConfigTooLarge(PeftFormatError):
+    def __init__(self, path: Path, limit: int) -> None:
+        super().__init__(f"{path} is larger than {limit} bytes")
+        self.path = path
+        self.limit = limit
+
+
+class ConfigTooDeep(PeftFormatError):
+    def __init__(self, path: Path, limit: int) -> None:
+        super().__init__(f"{path} nests values more than {limit} levels deep")
+        self.path = path
+        self.limit = limit
 
 
 class NotLora(PeftFormatError):
@@ -136,13 +154,33 @@ def read_config_json(adapter_dir: Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not is_adapter_dir(adapter_dir):
         raise ConfigMissing(path)
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigTooLarge(path, MAX_CONFIG_BYTES)
     try:
-        raw: Any = json.loads(path.read_bytes())
+        raw: Any = json.loads(data)
+    except RecursionError:
+        raise ConfigTooDeep(path, MAX_CONFIG_DEPTH) from None
     except ValueError as exc:  # also UnicodeDecodeError
         raise ConfigNotJson(path, exc) from None
     if not isinstance(raw, dict):
         raise ConfigNotObject(path)
+    if _nesting(raw) > MAX_CONFIG_DEPTH:
+        raise ConfigTooDeep(path, MAX_CONFIG_DEPTH)
     return raw
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of objects and arrays `value` has; iterative, so any depth is fine."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def check_is_lora(raw: dict[str, Any]) -> None:

@@ -7,8 +7,12 @@ Layout under `<data_dir>/adapters/`:
                                 manifest.json
     <tenant>/<name>/current     "v<N>": the version served, replaced atomically
     <tenant>/.removed.json      last version of each removed adapter, so that a
-                                re-added name never reuses an engine name
+                                re-added name never reuses a version number
     .lock                       serialises writers (flock), across processes too
+
+Engine names (`<tenant>--<name>--v<N>--<uid>`) carry a random id per version: a tenant
+deleted and created again restarts at v1, and its adapters must never be served from
+what engines still hold of the old tenant's.
 
 Readers take no lock: every change they can see is a rename. An upload is unpacked,
 validated and converted in a private temp dir under the data dir; only a fully
@@ -28,7 +32,7 @@ import uuid
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -75,6 +79,7 @@ class AdapterManifest(BaseModel):
     sha256: str  # of adapter_model.safetensors
     size_bytes: int  # of adapter_model.safetensors
     created_at: datetime
+    uid: str | None = None  # absent in versions stored before engine names carried it
 
 
 class AdapterRecord(BaseModel):
@@ -93,12 +98,34 @@ class AdapterRecord(BaseModel):
     sha256: str
     size_bytes: int
     created_at: datetime
+    uid: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def engine_name(self) -> str:
-        """Versioned, so a new version never reuses engine-side state of an old one."""
-        return f"{self.tenant}--{self.name}--v{self.version}"
+        """Unique per stored version, so no version is ever served from engine-side
+        state of another (an older version, or a deleted tenant's of the same name)."""
+        versioned = f"{self.tenant}--{self.name}--v{self.version}"
+        return f"{versioned}--{self.uid}" if self.uid else versioned
+
+
+def owner_of(engine_name: str) -> tuple[str, str] | None:
+    """(tenant, adapter) an engine name belongs to; None if it is not one of ours.
+    Unambiguous because names never contain '--' (tuneserve/names.py)."""
+    parts = engine_name.split("--")
+    if len(parts) not in (3, 4) or not (is_valid_name(parts[0]) and is_valid_name(parts[1])):
+        return None
+    return parts[0], parts[1]
+
+
+class AddedVersion(NamedTuple):
+    record: AdapterRecord
+    replaced: AdapterRecord | None  # the version that was current until this one
+
+
+class TenantRemoved(NamedTuple):
+    tenant: str
+    adapters: list[AdapterRecord]  # current versions that were removed with it
 
 
 class AdapterRegistry:
@@ -125,6 +152,16 @@ class AdapterRegistry:
 
         Raises AdapterRejected, leaving the data dir as it was.
         """
+        return self.add_version(tenant, name, source).record
+
+    def add_version(
+        self, tenant: str, name: str, source: Path, owner_exists: Callable[[], object] | None = None
+    ) -> AddedVersion:
+        """`add`, also returning the version it replaced, as seen under the writers'
+        lock (so two concurrent uploads each free the one they really replaced).
+
+        `owner_exists` runs under the lock just before publishing and raises if the
+        tenant is gone: a tenant deleted during a long upload gets nothing stored."""
         check_name(tenant, "tenant")
         check_name(name, "adapter")
         limits = self.settings.adapters
@@ -144,11 +181,16 @@ class AdapterRegistry:
             try:
                 convert_lora_to_gguf(built, self.settings.resolved_hf_path(), built / GGUF_FILE)
             except AdapterConversionError as exc:
-                why = str(exc).replace(f"{built}/", "")  # the temp dir is a server detail
+                if isinstance(exc.__cause__, OSError):  # writing the GGUF, reading the base: ours
+                    raise TuneserveError(f"cannot convert the adapter for llama.cpp: {exc}") from exc
+                why = self._without_server_paths(str(exc), built)
                 raise AdapterRejected(
                     "conversion_failed", f"the adapter cannot be converted for llama.cpp: {why}"
                 ) from exc
             with self._lock():
+                if owner_exists is not None:
+                    owner_exists()
+                replaced = self.get(tenant, name)
                 version = self._next_version(tenant, name)
                 manifest = AdapterManifest(
                     tenant=tenant,
@@ -161,6 +203,7 @@ class AdapterRegistry:
                     sha256=adapter.sha256,
                     size_bytes=adapter.size_bytes,
                     created_at=datetime.now(timezone.utc),
+                    uid=uuid.uuid4().hex[:12],
                 )
                 (built / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
                 final = self._name_dir(tenant, name) / f"v{version}"
@@ -168,7 +211,7 @@ class AdapterRegistry:
                     for file in built.iterdir():
                         os.replace(file, staged / file.name)
                 write_atomic(final.parent / CURRENT_FILE, f"v{version}\n", durable=True)
-            return self._record(final, manifest)
+            return AddedVersion(self._record(final, manifest), replaced)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -187,12 +230,27 @@ class AdapterRegistry:
             removed = self._removed(tenant)
             removed[name] = max(last, removed.get(name, 0))
             write_atomic(name_dir.parent / REMOVED_FILE, json.dumps(removed, indent=2) + "\n", durable=True)
-            # One rename takes the whole adapter away; readers never see half a dir.
-            trash = self.root / ".trash"
-            trash.mkdir(exist_ok=True)
-            os.rename(name_dir, trash / f"{tenant}--{name}--{uuid.uuid4().hex}")
-            shutil.rmtree(trash, ignore_errors=True)  # also what an interrupted remove left
+            self._discard(name_dir)
         return record
+
+    def remove_tenant(self, tenant: str, while_locked: Callable[[], object] = lambda: None) -> TenantRemoved:
+        """Delete every adapter of `tenant`, and its version counters with them.
+
+        `while_locked` (the tenants-table change: deleting the row, or creating a new
+        tenant of that name) runs first under the writers' lock, and if it raises
+        nothing is removed. An upload checks its owner under the same lock, so it
+        either finishes before and is removed here, or runs after and finds no owner.
+        `tenants create` calls this too: a new tenant never finds anything an old one
+        of its name left (data dirs from before tenant deletion removed adapters).
+        """
+        with self._lock():
+            while_locked()  # first: it says what is wrong with the name in its own words
+            check_name(tenant, "tenant")
+            records = self.list(tenant)
+            tenant_dir = self.root / tenant
+            if tenant_dir.exists():
+                self._discard(tenant_dir)
+        return TenantRemoved(tenant, records)
 
     # ------------------------------------------------------------ reading
 
@@ -227,6 +285,21 @@ class AdapterRegistry:
         return records
 
     # ------------------------------------------------------------ internals
+
+    def _discard(self, directory: Path) -> None:
+        # One rename takes it all away; readers never see half a dir.
+        trash = self.root / ".trash"
+        trash.mkdir(exist_ok=True)
+        os.rename(directory, trash / f"{directory.name}--{uuid.uuid4().hex}")
+        shutil.rmtree(trash, ignore_errors=True)  # also what an interrupted remove left
+
+    def _without_server_paths(self, message: str, built: Path) -> str:
+        """A converter message as a tenant may read it: the paths in it are server details."""
+        shown = [(f"{built}/", ""), (str(built), "the adapter"),
+                 (str(self.settings.resolved_hf_path()), "the base model"), (str(self.data_dir), "<data_dir>")]
+        for path, replacement in shown:
+            message = message.replace(path, replacement)
+        return message
 
     def _name_dir(self, tenant: str, name: str) -> Path:
         return self.root / tenant / name

@@ -1,24 +1,26 @@
 """Checks a PEFT LoRA adapter must pass before the registry stores it.
 
 Everything here reads files an untrusted tenant uploaded, so nothing is loaded with
-pickle or imported: JSON is parsed, safetensors headers are read, other files are only
-sniffed. Each failure is an `AdapterRejected` whose `reason` is a stable code for
-clients and whose message says what to fix.
+pickle or imported: JSON is parsed, safetensors headers are read, and an upload may hold
+only the files an adapter is made of (ACCEPTED_FILES: allowed by name, then checked to be
+what the name says), rather than anything that fails to look dangerous. The config's
+regexes run only through tenant_regex. Each failure is an `AdapterRejected` whose
+`reason` is a stable code for clients and whose message says what to fix.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import io
-import os
-import pickletools
-import re
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from safetensors import SafetensorError, safe_open
 
+from tuneserve.adapters import tenant_regex
 from tuneserve.adapters.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -27,6 +29,8 @@ from tuneserve.adapters.peft_format import (
     ConfigMissing,
     ConfigNotJson,
     ConfigNotObject,
+    ConfigTooDeep,
+    ConfigTooLarge,
     LoraTensor,
     MissingHalf,
     NotLora,
@@ -50,6 +54,7 @@ RejectReason = Literal[
     "too_many_files",
     "too_large",
     "pickle_file",
+    "unexpected_file",
     "missing_config",
     "invalid_config",
     "not_lora",
@@ -129,50 +134,92 @@ class BaseModules:
 
 
 # Extensions of pickle-based formats (torch.save, pickle, joblib): loading one can run
-# arbitrary code, so they are refused whatever their content.
+# arbitrary code. Refused like any other unexpected file, with the way out in the message.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
-_SNIFF_BYTES = 64 * 1024
+# Text files that PEFT or the Hub put beside an adapter (model card, tokenizer saved with
+# it). Accepted so that such dirs upload as they are; never stored (the registry keeps
+# only the config and the weights).
+ADAPTER_TEXT_FILES = frozenset({
+    "README.md", ".gitattributes", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+})
+ACCEPTED_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS}) | ADAPTER_TEXT_FILES
+# safetensors' own cap on its JSON header.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
-def _looks_like_pickle(path: Path) -> str | None:
-    """Why the file is a pickle (or a torch zip checkpoint) whatever its name, else None."""
-    with path.open("rb") as f:
-        window = f.read(_SNIFF_BYTES)
-        longer = bool(f.read(1))
-    if window.startswith(b"PK\x03\x04"):
-        return "is a zip archive (the format of torch.save checkpoints, which hold pickles)"
-    # A pickle is a stream of opcodes ending in STOP. Text and safetensors fail on an
-    # unknown opcode within a few bytes; a real pickle parses to STOP, or (when
-    # large) parses cleanly to the end of the window.
-    stream = io.BytesIO(window)
-    opcodes = 0
+def check_member(name: str, filename: str) -> None:
+    """Refuse a file of the upload that an adapter does not have. `name` is the member
+    as the tenant wrote it, `filename` its last component."""
+    if filename in ACCEPTED_FILES:
+        return
+    if any(filename.lower().endswith(suffix) for suffix in PICKLE_SUFFIXES):
+        raise AdapterRejected(
+            "pickle_file",
+            f"{quote(name)} has a pickle-based extension; pickle files can run code when loaded "
+            "and are not accepted. Save the adapter with safetensors (PEFT's save_pretrained "
+            f"default) and upload only {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}",
+        )
+    raise unexpected(name, "is not a file of a PEFT LoRA adapter")
+
+
+def unexpected(name: str | Path, why: str) -> AdapterRejected:
+    return AdapterRejected(
+        "unexpected_file",
+        f"{quote(name)} {why}; an upload may hold only {ADAPTER_CONFIG}, {ADAPTER_WEIGHTS} and "
+        f"the text files {sorted(ADAPTER_TEXT_FILES)}, at its top level or in one top-level directory",
+    )
+
+
+def check_contents(root: Path, tree: Path) -> None:
+    """Each accepted file of the adapter dir `root` (in the unpacked upload `tree`) is
+    what its name says: the text files text, the weights a safetensors file (before
+    anything trusts its header)."""
+    for path in sorted(root.iterdir()):
+        if path.name in ADAPTER_TEXT_FILES and not _is_text(path):
+            raise unexpected(path.relative_to(tree), "is not UTF-8 text")
+    weights = root / ADAPTER_WEIGHTS
+    why = _not_safetensors(weights) if weights.is_file() else None
+    if why:
+        raise AdapterRejected(
+            "invalid_weights",
+            f"{ADAPTER_WEIGHTS} is not a safetensors file ({why}); save the adapter with "
+            "safetensors (PEFT's save_pretrained default)",
+        )
+
+
+def _is_text(path: Path) -> bool:
+    """UTF-8 without NUL bytes; read in chunks, as the file may be as large as the upload."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        for opcode, _, _ in pickletools.genops(stream):
-            opcodes += 1
-            if opcode.name == "STOP":
-                return "is a pickle"
-    except ValueError:  # unknown opcode, bad argument, or the window ended
-        pass
-    if longer and opcodes > 2 and stream.tell() >= len(window):
-        return "is a pickle"
-    return None
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                if b"\x00" in chunk:
+                    return False
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
-def check_no_pickles(tree: Path) -> None:
-    """Refuse any pickle-based file anywhere in the unpacked upload."""
-    for dirpath, _, filenames in os.walk(tree):
-        for filename in sorted(filenames):
-            path = Path(dirpath) / filename
-            rel = path.relative_to(tree)
-            why = "has a pickle-based extension" if path.suffix.lower() in PICKLE_SUFFIXES else None
-            why = why or _looks_like_pickle(path)
-            if why:
-                raise AdapterRejected(
-                    "pickle_file",
-                    f"{quote(rel)} {why}; pickle files can run code when loaded and are not "
-                    "accepted. Save the adapter with safetensors (PEFT's save_pretrained "
-                    f"default) and upload only {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}",
-                )
+def _not_safetensors(path: Path) -> str | None:
+    """Why `path` is not a safetensors file (8-byte little-endian header length, then a
+    JSON object of that length), else None."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"it is {size} bytes, shorter than a header"
+        (length,) = struct.unpack("<Q", prefix)
+        if not 2 <= length <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+            return f"its header length {length} does not fit a {size}-byte file"
+        header = f.read(length)
+    try:
+        parsed = json.loads(header)
+    except (ValueError, RecursionError):
+        return "its header is not JSON"
+    return None if isinstance(parsed, dict) else "its header is not a JSON object"
 
 
 def find_adapter_root(tree: Path) -> Path:
@@ -197,6 +244,14 @@ def _read_config(root: Path) -> PeftLoraConfig:
         ) from None
     except ConfigNotJson as exc:
         raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} is not valid JSON: {exc.cause}") from None
+    except ConfigTooLarge as exc:
+        raise AdapterRejected(
+            "invalid_config", f"{ADAPTER_CONFIG} is larger than {exc.limit} bytes; PEFT writes a few KiB"
+        ) from None
+    except ConfigTooDeep as exc:
+        raise AdapterRejected(
+            "invalid_config", f"{ADAPTER_CONFIG} nests objects or arrays more than {exc.limit} levels deep"
+        ) from None
     except ConfigNotObject:
         raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG} must be a JSON object") from None
     except NotLora as exc:
@@ -206,7 +261,8 @@ def _read_config(root: Path) -> PeftLoraConfig:
             "(peft_type \"LORA\") can be served",
         ) from None
     except ConfigInvalid as exc:
-        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG}: key '{exc.key}': {exc.reason}") from None
+        # The key may hold a tenant's dict key (alpha_pattern.<key>): quoted, it stays one line.
+        raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG}: key {quote(exc.key)}: {exc.reason}") from None
 
 
 def _normalise(name: str) -> str:
@@ -217,16 +273,22 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~"))
 
 
-def _as_path(name: str) -> Path:
-    return Path(name).expanduser().resolve()
+def _as_path(name: str) -> Path | None:
+    """None for a name no path can be made of: `~user` of no such user (RuntimeError),
+    a NUL byte (ValueError), one the OS refuses to resolve."""
+    try:
+        return Path(name).expanduser().resolve()
+    except (RuntimeError, ValueError, OSError):
+        return None
 
 
 def check_base(declared: str | None, settings: Settings) -> None:
     """The adapter must have been trained on the base this server serves."""
     names = [settings.model.name, *settings.adapters.base_aliases]
     accepted = {_normalise(n) for n in names} | {_normalise(str(settings.resolved_hf_path()))}
-    paths = {_as_path(str(settings.resolved_hf_path()))}
-    paths |= {_as_path(_normalise(n)) for n in settings.adapters.base_aliases if _looks_like_path(n)}
+    served = [str(settings.resolved_hf_path())]
+    served += [_normalise(n) for n in settings.adapters.base_aliases if _looks_like_path(n)]
+    paths = {path for path in map(_as_path, served) if path is not None}
     if declared:
         name = _normalise(declared)
         if name in accepted or (_looks_like_path(name) and _as_path(name) in paths):
@@ -252,15 +314,10 @@ def _targets(target_modules: list[str] | str, base: BaseModules) -> set[str]:
     if target_modules == "all-linear":
         return base.linear_modules()
     if isinstance(target_modules, str):
-        if len(target_modules) > 512:
-            raise AdapterRejected("invalid_config", f"{ADAPTER_CONFIG}: target_modules regex is too long")
         try:
-            pattern = re.compile(target_modules)
-        except re.error as exc:
-            raise AdapterRejected(
-                "invalid_config", f"{ADAPTER_CONFIG}: target_modules is not a valid regex: {exc}"
-            ) from None
-        by_regex = {m for m in modules if pattern.fullmatch(m)}
+            by_regex = tenant_regex.fullmatches(target_modules, sorted(modules), "target_modules")
+        except tenant_regex.PatternRejected as exc:
+            raise _bad_pattern(exc, "use a list of module names") from None
         if not by_regex:
             raise AdapterRejected(
                 "unknown_target_module",
@@ -279,6 +336,36 @@ def _targets(target_modules: list[str] | str, base: BaseModules) -> set[str]:
             )
         selected |= matched
     return selected
+
+
+def _check_pattern_keys(config: PeftLoraConfig, targets: set[str]) -> None:
+    """alpha_pattern and rank_pattern keys are regexes, matched (by the GGUF converter
+    and by PEFT-style loaders) against the target modules: they must compile and stay
+    within tenant_regex's budget."""
+    for field, keys in (("alpha_pattern", config.alpha_pattern), ("rank_pattern", config.rank_pattern)):
+        try:
+            tenant_regex.pattern_keys(list(keys), sorted(targets), field)
+        except tenant_regex.PatternRejected as exc:
+            raise _bad_pattern(exc, "use module names as keys") from None
+
+
+def _bad_pattern(exc: tenant_regex.PatternRejected, instead: str) -> AdapterRejected:
+    what = "regex" if exc.field == "target_modules" else "key"
+    subject = f"{ADAPTER_CONFIG}: {exc.field} {what} {quote(exc.pattern)}"
+    if exc.why == "too_long":
+        return AdapterRejected(
+            "invalid_config", f"{subject} is {len(exc.pattern)} characters long, more than "
+            f"{tenant_regex.MAX_PATTERN_CHARS}; {instead}",
+        )
+    if exc.why == "invalid":
+        return AdapterRejected("invalid_config", f"{subject} is not a valid regex: {exc.detail}")
+    if exc.why == "counted_repeat":
+        return AdapterRejected(
+            "invalid_config", f"{subject} uses a counted repeat ({{m,n}}), which engines may expand "
+            f"to an exponential size; {instead}",
+        )
+    cost = "takes too long" if exc.why == "too_slow" else "needs too much memory"
+    return AdapterRejected("invalid_config", f"{subject} {cost} to match; {instead}")
 
 
 # ---------------------------------------------------------------- weights
@@ -373,8 +460,8 @@ class ValidatedAdapter:
 
 def validate_adapter(tree: Path, settings: Settings, base: BaseModules) -> ValidatedAdapter:
     """Check an unpacked upload (see archive.unpack); raise AdapterRejected on the first problem."""
-    check_no_pickles(tree)
     root = find_adapter_root(tree)
+    check_contents(root, tree)
     config = _read_config(root)
     check_base(config.base_model_name_or_path, settings)
     max_rank = settings.adapters.max_rank
@@ -386,6 +473,7 @@ def validate_adapter(tree: Path, settings: Settings, base: BaseModules) -> Valid
                 "(adapters.max_rank); retrain with a smaller r",
             )
     targets = _targets(config.target_modules, base)
+    _check_pattern_keys(config, targets)
     weights = root / ADAPTER_WEIGHTS
     adapted = _check_weights(weights, targets, base, max_rank)
     return ValidatedAdapter(

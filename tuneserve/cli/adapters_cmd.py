@@ -1,17 +1,24 @@
 """`tuneserve adapters`: add, list and remove tenants' LoRA adapters.
 
 Each command prints JSON on stdout (a record, or a list of them); a rejected adapter
-is a TuneserveError, which main() prints as one line and exits 2.
+is a TuneserveError, which main() prints as one line and exits 2. Adding and removing
+are audited (actor "cli:<os user>"). With auth enabled, adding needs the tenant to
+exist, checked under the registry's lock as the gateway does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneserve.audit import AuditLog, audit_path
+from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
+from tuneserve.store import Store, db_path
+from tuneserve.tenants.store import TenantStore
 
 if TYPE_CHECKING:
     from tuneserve.adapters.registry import AdapterRegistry
@@ -53,8 +60,21 @@ def _registry(args: argparse.Namespace) -> AdapterRegistry:
     return AdapterRegistry(settings_from_args(args))
 
 
+def _audit(args: argparse.Namespace) -> AuditLog:
+    return AuditLog(audit_path(settings_from_args(args).data_dir))
+
+
 def run_add(args: argparse.Namespace) -> int:
-    record = _registry(args).add(args.tenant, args.name, args.path)
+    settings = settings_from_args(args)
+    target = f"{args.tenant}/{args.name}"
+    with _audit(args).recording(cli_actor(), "adapter.add", target, source="cli") as details:
+        with contextlib.ExitStack() as stack:
+            owner_exists = None
+            if settings.auth.enabled:
+                tenants = TenantStore(stack.enter_context(Store(db_path(settings.data_dir))))
+                owner_exists = lambda: tenants.get(args.tenant)  # noqa: E731 - one use, under the lock
+            record = _registry(args).add_version(args.tenant, args.name, args.path, owner_exists).record
+        details["version"] = record.version
     print(record.model_dump_json(indent=2))
     return 0
 
@@ -66,6 +86,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    record = _registry(args).remove(args.tenant, args.name)
+    with _audit(args).recording(cli_actor(), "adapter.delete", f"{args.tenant}/{args.name}") as details:
+        record = _registry(args).remove(args.tenant, args.name)
+        details["version"] = record.version
+    # Running gateways unload it within adapters.reconcile_interval_s.
     print(record.model_dump_json(indent=2))
     return 0

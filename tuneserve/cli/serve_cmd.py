@@ -9,6 +9,8 @@ from tuneserve.cli.options import add_settings_arguments, settings_from_args
 from tuneserve.config import Settings
 from tuneserve.errors import ConfigError
 
+STARTUP_FAILURE = 3  # uvicorn's exit status when the server never started
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -41,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
 
     from serving.api.app import create_app
     from serving.api.http_protocol import CoalescingHttpToolsProtocol
+    from serving.api.metrics_listener import with_metrics_listener
 
     settings = settings_from_args(args)
     check_model_files(settings)
     logging.getLogger().setLevel(settings.server.log_level.upper())
     app = create_app(settings)
-    uvicorn.run(
-        app,
+    config = uvicorn.Config(
+        with_metrics_listener(app),
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
@@ -55,4 +58,12 @@ def run(args: argparse.Namespace) -> int:
         http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=10,
     )
-    return 0
+    # One server on every listener, so one signal handler and one graceful shutdown
+    # cover the metrics port too (serving/api/metrics_listener.py tells them apart).
+    sockets = [config.bind_socket()]
+    access = app.state.metrics_access
+    if access.own_listener:
+        sockets.append(uvicorn.Config(app, host=access.host, port=access.port).bind_socket())
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    return 0 if server.started else STARTUP_FAILURE

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
-import os
 import sys
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from tuneserve.audit import AuditLog, audit_path
+from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
 from tuneserve.names import NAME_RULES
 from tuneserve.store import Store, db_path
 from tuneserve.tenants.store import IssuedKey, TenantStore
+
+if TYPE_CHECKING:
+    from tuneserve.adapters.registry import AdapterRegistry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     name_help = f"tenant name: {NAME_RULES}"
     for action, help_text, handler in (
         ("create", "create a tenant and print its API key (shown once)", run_create),
-        ("delete", "delete a tenant; its key stops working at once", run_delete),
+        ("delete", "delete a tenant and its adapters; its key stops working at once", run_delete),
         ("rotate-key", "issue a new API key (shown once); the old one stops working", run_rotate),
     ):
         command = actions.add_parser(action, help=help_text)
@@ -40,19 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=run_list)
 
 
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (containers)
-        user = f"uid-{os.getuid()}"
-    return f"cli:{user}"
-
-
 @contextlib.contextmanager
 def _open(args: argparse.Namespace) -> Iterator[tuple[TenantStore, AuditLog]]:
     settings = settings_from_args(args)
     with Store(db_path(settings.data_dir)) as store:
         yield TenantStore(store), AuditLog(audit_path(settings.data_dir))
+
+
+def _registry(args: argparse.Namespace) -> "AdapterRegistry":
+    # Imported here: the registry pulls in gguf and numpy, which `tenants list` skips.
+    from tuneserve.adapters.registry import AdapterRegistry
+
+    return AdapterRegistry(settings_from_args(args))
 
 
 def _show_key(issued: IssuedKey, what: str) -> None:
@@ -66,16 +67,20 @@ def _show_key(issued: IssuedKey, what: str) -> None:
 
 def run_create(args: argparse.Namespace) -> int:
     with _open(args) as (tenants, audit):
-        with audit.recording(_actor(), "tenant.create", args.name) as details:
-            issued = tenants.create(args.name)
+        with audit.recording(cli_actor(), "tenant.create", args.name) as details:
+            created: list[IssuedKey] = []
+            leftovers = _registry(args).remove_tenant(args.name, lambda: created.append(tenants.create(args.name)))
+            issued = created[0]
             details["key_id"] = issued.tenant.key_id
+            if leftovers.adapters:
+                details["removed_leftover_adapters"] = [r.name for r in leftovers.adapters]
     _show_key(issued, f"created tenant '{args.name}'")
     return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:
     with _open(args) as (tenants, audit):
-        with audit.recording(_actor(), "tenant.rotate_key", args.name) as details:
+        with audit.recording(cli_actor(), "tenant.rotate_key", args.name) as details:
             issued = tenants.rotate(args.name)
             details["key_id"] = issued.tenant.key_id
     _show_key(issued, f"rotated the key of tenant '{args.name}'; the old key no longer works")
@@ -84,9 +89,11 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 def run_delete(args: argparse.Namespace) -> int:
     with _open(args) as (tenants, audit):
-        with audit.recording(_actor(), "tenant.delete", args.name):
-            tenants.delete(args.name)
-    print(f"deleted tenant '{args.name}'")
+        with audit.recording(cli_actor(), "tenant.delete", args.name) as details:
+            removed = _registry(args).remove_tenant(args.name, lambda: tenants.delete(args.name))
+            details["removed_adapters"] = [r.name for r in removed.adapters]
+    # Running gateways unload them within adapters.reconcile_interval_s.
+    print(f"deleted tenant '{args.name}' and {len(removed.adapters)} adapter(s)")
     return 0
 
 

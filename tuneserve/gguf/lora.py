@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tuneserve.adapters import tenant_regex
 from tuneserve.adapters.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -41,6 +42,8 @@ from tuneserve.adapters.peft_format import (
     ConfigMissing,
     ConfigNotJson,
     ConfigNotObject,
+    ConfigTooDeep,
+    ConfigTooLarge,
     LoraPair,
     LoraTensor,
     MissingHalf,
@@ -138,6 +141,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path
     # plain LoRA gives alpha itself, rsLoRA alpha*sqrt(r) (so alpha*sqrt(r)/r = alpha/sqrt(r)).
     gguf_alpha = _peft_scale(config.lora_alpha, config.r, config.use_rslora) * config.r
 
+    alpha_keys = _alpha_keys(config.alpha_pattern, [pair.module for pair in pairs], adapter_dir / ADAPTER_CONFIG)
     tensors: list[tuple[str, np.ndarray, np.ndarray]] = []
     for pair in pairs:
         # rank_pattern is not consulted: the rank is read from the tensors, as llama.cpp does.
@@ -145,7 +149,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_model_dir: Path, out_file: Path
         gguf_name = _gguf_name(name_map, module, base)
         _check_shape(pair, base_shapes, base_model_dir)
 
-        pattern = _pattern_key(config.alpha_pattern, module)
+        pattern = alpha_keys.get(module)
         alpha = config.alpha_pattern[pattern] if pattern is not None else config.lora_alpha
         wanted, applied = _peft_scale(alpha, rank, config.use_rslora), gguf_alpha / rank
         if not math.isclose(wanted, applied, rel_tol=1e-6):
@@ -221,6 +225,8 @@ def _read_adapter_config(adapter_dir: Path) -> PeftLoraConfig:
         raise AdapterConversionError(f"not a PEFT adapter directory: cannot read {path}: {exc}") from exc
     except ConfigNotObject:
         raise AdapterConversionError(f"{path} is not a JSON object") from None
+    except (ConfigTooLarge, ConfigTooDeep) as exc:
+        raise AdapterConversionError(str(exc)) from None
     except NotLora as exc:
         raise AdapterConversionError(
             f"{path}: peft_type is {exc.peft_type!r}; only 'LORA' adapters convert to GGUF"
@@ -276,10 +282,13 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a (small) safetensors file as float32.
+    """All tensors of a safetensors file as float32.
 
     Read by hand rather than with `safetensors.numpy`, which cannot load BF16, the
-    usual dtype of adapters trained on GPUs; torch is not a core dependency.
+    usual dtype of adapters trained on GPUs; torch is not a core dependency. The file
+    is mapped, not read: float32 tensors are views of the mapping and others one
+    float32 copy each, so converting an upload holds about one float32 copy of it
+    (adapters.max_bytes bounds the file), not the file's bytes and a copy besides.
     """
     if not path.is_file() and (path.parent / PICKLED_WEIGHTS).is_file():
         raise AdapterConversionError(
@@ -287,7 +296,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             f"safe_serialization=True to get {ADAPTER_WEIGHTS}"
         )
     header, start = _safetensors_header(path)
-    data = path.read_bytes()
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, np.ndarray] = {}
     for name, info in header.items():
         try:
@@ -300,12 +309,12 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             if len(raw) != 2 * count:
                 raise AdapterConversionError(f"{path}: tensor {name!r} is truncated")
             # bf16 is the top half of a float32: shift it into place.
-            array = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            array = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         elif dtype in _NUMPY_DTYPES:
             np_dtype = np.dtype(_NUMPY_DTYPES[dtype])
             if len(raw) != np_dtype.itemsize * count:
                 raise AdapterConversionError(f"{path}: tensor {name!r} is truncated")
-            array = np.frombuffer(raw, np_dtype).astype(np.float32)
+            array = raw.view(np_dtype).astype(np.float32, copy=False)
         else:
             raise AdapterConversionError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         tensors[name] = array.reshape(shape)
@@ -356,13 +365,24 @@ def _why_unexpected(key: str) -> str:
     return f"unknown adapter tensor {key!r}: expected base_model.model.<module>.lora_A/lora_B.weight"
 
 
-def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    # PEFT's own matching (peft.utils.other.get_pattern_key): first key that matches
-    # the end of the module name at a dot boundary.
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+def _alpha_keys(patterns: dict[str, Any], modules: list[str], path: Path) -> dict[str, str]:
+    """Each module's alpha_pattern key, by PEFT's own matching (get_pattern_key: the
+    first key that matches the end of the module name at a dot boundary). The keys are
+    the adapter author's regexes, so they run only through tenant_regex."""
+    try:
+        return tenant_regex.pattern_keys(list(patterns), modules, "alpha_pattern")
+    except tenant_regex.PatternRejected as exc:
+        raise AdapterConversionError(f"{path}: alpha_pattern key {exc.pattern[:80]!r} {_pattern_problem(exc)}") from None
+
+
+def _pattern_problem(exc: tenant_regex.PatternRejected) -> str:
+    if exc.why == "too_long":
+        return f"is longer than {tenant_regex.MAX_PATTERN_CHARS} characters"
+    if exc.why == "invalid":
+        return f"is not a valid regex: {exc.detail}"
+    if exc.why == "counted_repeat":
+        return "uses a counted repeat ({m,n})"
+    return "takes too long to match" if exc.why == "too_slow" else "needs too much memory to match"
 
 
 def _peft_scale(alpha: float, rank: int, rslora: bool) -> float:
