@@ -62,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001
 VOLUME /data
-EXPOSE 8000
+# 8000: the API; 9464: /metrics when server.metrics.port is set (compose and k8s set it).
+EXPOSE 8000 9464
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # Prepare the default model once (a no-op when /data has it), then serve.

@@ -134,7 +134,7 @@ def hostile_probes(work: Path, adapter: Path, key: str) -> list[tuple[str, int, 
         (regex_adapter / "adapter_config.json").write_text(json.dumps(config))
     boundary = "hostile-boundary"
 
-    def oversized() -> Any:
+    async def oversized() -> Any:  # async: an AsyncClient sends it chunked
         yield f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nhuge\r\n'.encode()
         yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'.encode()
         for _ in range(48):
@@ -283,6 +283,8 @@ def main() -> None:
             "auth.enabled": "true",
             "auth.admin_key": ADMIN_KEY,
             "server.metrics.token_file": work / "metrics-token",
+            # The adapters here are about 10 MB; the hostile oversized upload sends 48 MiB.
+            "adapters.max_bytes": 32 << 20,
         }
         (work / "metrics-token").write_text(METRICS_TOKEN)
         vllm: ServerProcess | None = None
