@@ -474,6 +474,8 @@ REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
     ("rank-pattern-catastrophic", in_dir(lambda a: edit_config(a, rank_pattern={CATASTROPHIC_KEY: 4})), {}, "invalid_config"),
     ("rank-pattern-counted-repeat", in_dir(lambda a: edit_config(a, rank_pattern={"(?:q{9}){9}_proj": 4})), {}, "invalid_config"),
     ("alpha-pattern-not-a-regex", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj(": 32})), {}, "invalid_config"),
+    ("alpha-nan", in_dir(lambda a: edit_config(a, lora_alpha=float("nan"))), {}, "invalid_config"),
+    ("alpha-pattern-infinite", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj": float("inf")})), {}, "invalid_config"),
     ("rank-pattern-not-a-regex", in_dir(lambda a: edit_config(a, rank_pattern={"[v_proj": 4})), {}, "invalid_config"),
     ("pattern-key-too-long", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj|" * 100: 32})), {}, "invalid_config"),
     ("pattern-key-with-newline", in_dir(lambda a: edit_config(a, alpha_pattern={"q_proj\n" + "x" * 500: "big"})), {}, "invalid_config"),
@@ -661,6 +663,14 @@ def test_bad_names(registry: AdapterRegistry, peft_adapter: Path, data_dir: Path
     assert registry.get(tenant, "support") is None and registry.get("acme", tenant) is None
     assert registry.list(tenant) == []
     assert listing(data_dir) == before
+
+
+@pytest.mark.parametrize("name", ["none", "admin", "base"])
+def test_label_values_are_reserved_for_new_adapters(registry: AdapterRegistry, peft_adapter: Path, name: str) -> None:
+    """An adapter called "base" would share the base model's metrics series."""
+    with pytest.raises(AdapterRejected, match="reserved") as info:
+        registry.add("acme", name, peft_adapter)
+    assert info.value.reason == "invalid_name" and registry.get("acme", name) is None
 
 
 def test_longest_name_is_accepted(registry: AdapterRegistry, peft_adapter: Path) -> None:

@@ -191,7 +191,8 @@ def test_valid_names(tenants: TenantStore, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "Acme", "-a", ".a", "_a", "a b", "a/b", "acmé", "a" * 65, "acme\n"]
+    # The last three are metrics label values (no tenant, the admin, the base model).
+    "name", ["", "Acme", "-a", ".a", "_a", "a b", "a/b", "acmé", "a" * 65, "acme\n", "none", "admin", "base"]
 )
 def test_bad_names(tenants: TenantStore, name: str) -> None:
     with pytest.raises(InvalidTenantName, match="invalid tenant name"):

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Sequence, TypeVar, cast
+from typing import Annotated, Any, Callable, Generic, Iterable, Iterator, Literal, Sequence, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
@@ -138,11 +138,12 @@ class PeftLoraConfig(BaseModel):
     base_model_name_or_path: str | None = None
     r: int = Field(gt=0)
     # Zero is a valid PEFT alpha; the GGUF converter refuses it for its own reason.
-    lora_alpha: float
+    # NaN and infinity (json.loads reads both) would scale every output to NaN.
+    lora_alpha: float = Field(allow_inf_nan=False)
     target_modules: list[str] | str
     # Declared ranks; the tensors still decide each module's real one.
     rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     use_rslora: bool = False
 
 

@@ -42,6 +42,7 @@ from tuneserve.adapters.validation import (
     AdapterRejected,
     BaseModules,
     check_name,
+    check_new_name,
     validate_adapter,
 )
 from tuneserve.config import Settings
@@ -163,7 +164,7 @@ class AdapterRegistry:
         `owner_exists` runs under the lock just before publishing and raises if the
         tenant is gone: a tenant deleted during a long upload gets nothing stored."""
         check_name(tenant, "tenant")
-        check_name(name, "adapter")
+        check_new_name(name, "adapter")
         limits = self.settings.adapters
         # Under the data dir, so the files built here move into place by rename.
         work = owned_temp_dir(self.data_dir, UPLOAD_PREFIX)

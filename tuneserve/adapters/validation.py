@@ -44,7 +44,7 @@ from tuneserve.adapters.peft_format import (
 )
 from tuneserve.config import Settings
 from tuneserve.errors import ConfigError, TuneserveError
-from tuneserve.names import NAME_RULES, is_valid_name
+from tuneserve.names import NAME_RULES, is_valid_name, reserved_name_error
 
 RejectReason = Literal[
     "invalid_name",
@@ -93,6 +93,13 @@ def check_name(value: str, what: Literal["tenant", "adapter"]) -> None:
             "invalid_name",
             f"invalid {what} name {quote(value)}: {NAME_RULES}",
         )
+
+
+def check_new_name(value: str, what: Literal["tenant", "adapter"]) -> None:
+    """check_name, and not a reserved name: for a name about to be stored."""
+    check_name(value, what)
+    if (reserved := reserved_name_error(value)) is not None:
+        raise AdapterRejected("invalid_name", f"invalid {what} name: {reserved}")
 
 
 # ---------------------------------------------------------------- base model

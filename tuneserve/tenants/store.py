@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from tuneserve.errors import TuneserveError
-from tuneserve.names import NAME_RULES, is_valid_name
+from tuneserve.names import NAME_RULES, is_valid_name, reserved_name_error
 from tuneserve.store import Store
 
 KEY_PREFIX = "ts-"
@@ -64,6 +64,8 @@ class IssuedKey(BaseModel):
 def validate_name(name: str) -> str:
     if not is_valid_name(name):
         raise InvalidTenantName(f"invalid tenant name {name!r}: {NAME_RULES}")
+    if (reserved := reserved_name_error(name)) is not None:
+        raise InvalidTenantName(f"invalid tenant name: {reserved}")
     return name
 
 
