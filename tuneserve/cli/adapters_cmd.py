@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
+from tuneserve.config import Settings
 from tuneserve.store import Store, db_path
 from tuneserve.tenants.store import TenantStore
 
@@ -53,41 +54,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     remove.set_defaults(handler=run_remove)
 
 
-def _registry(args: argparse.Namespace) -> AdapterRegistry:
+def _registry(settings: Settings) -> AdapterRegistry:
     # Imported here: the registry pulls in gguf and numpy, which other commands skip.
     from tuneserve.adapters.registry import AdapterRegistry
 
-    return AdapterRegistry(settings_from_args(args))
+    return AdapterRegistry(settings)
 
 
-def _audit(args: argparse.Namespace) -> AuditLog:
-    return AuditLog(audit_path(settings_from_args(args).data_dir))
+def _audit(settings: Settings) -> AuditLog:
+    return AuditLog(audit_path(settings.data_dir))
 
 
 def run_add(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     target = f"{args.tenant}/{args.name}"
-    with _audit(args).recording(cli_actor(), "adapter.add", target, source="cli") as details:
+    with _audit(settings).recording(cli_actor(), "adapter.add", target, source="cli") as details:
         with contextlib.ExitStack() as stack:
             owner_exists = None
             if settings.auth.enabled:
                 tenants = TenantStore(stack.enter_context(Store(db_path(settings.data_dir))))
                 owner_exists = lambda: tenants.get(args.tenant)  # noqa: E731 - one use, under the lock
-            record = _registry(args).add_version(args.tenant, args.name, args.path, owner_exists).record
+            record = _registry(settings).add_version(args.tenant, args.name, args.path, owner_exists).record
         details["version"] = record.version
     print(record.model_dump_json(indent=2))
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    records = _registry(args).list(args.tenant)
+    records = _registry(settings_from_args(args)).list(args.tenant)
     print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    with _audit(args).recording(cli_actor(), "adapter.delete", f"{args.tenant}/{args.name}") as details:
-        record = _registry(args).remove(args.tenant, args.name)
+    settings = settings_from_args(args)
+    with _audit(settings).recording(cli_actor(), "adapter.delete", f"{args.tenant}/{args.name}") as details:
+        record = _registry(settings).remove(args.tenant, args.name)
         details["version"] = record.version
     # Running gateways unload it within adapters.reconcile_interval_s.
     print(record.model_dump_json(indent=2))
