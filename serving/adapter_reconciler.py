@@ -8,6 +8,11 @@ addressed again (engine names are unique per stored version), but they hold engi
 memory and slots, and a deleted tenant's weights should not outlive it. So every
 `adapters.reconcile_interval_s` the gateway compares what each engine holds with what
 the registry serves now, and unloads the difference.
+
+Only from what the gateway itself manages: with `engines.vllm.adapter_loading: resolver`
+a vLLM engine reports no adapters to unload (VLLMAdapterManager.names), since several
+gateways share it and none may unload what another serves. There a removed version
+leaves vLLM's memory through vLLM's own LRU, and the resolver never resolves it again.
 """
 
 from __future__ import annotations

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from serving.engines.base import AdapterObserver, Engine
 from serving.engines.llamacpp import LlamaCppEngine
+from serving.engines.replica_discovery import DnsReplicas
+from serving.engines.replica_events import ReplicaObserver
 from serving.engines.vllm import VLLMEngine
 from serving.engines.vllm_launcher import VLLMLauncher
+from serving.engines.vllm_replicas import ReplicatedVLLMEngine
 from tuneserve.config import Settings
 from tuneserve.models.chat_template import ChatTemplate
 from tuneserve.tool_calls.formats import COMPACT, ToolFormat, format_for_template
@@ -23,11 +28,32 @@ def tool_format(settings: Settings) -> ToolFormat:
     return format_for_template(template.source) if template is not None else COMPACT
 
 
-def build_engines(settings: Settings, observer: AdapterObserver | None = None) -> list[Engine]:
+class EngineObserver(AdapterObserver, ReplicaObserver, Protocol):
+    """What the engines report to (the gateway's metrics)."""
+
+
+def vllm_replicas(settings: Settings, observer: EngineObserver | None) -> ReplicatedVLLMEngine:
+    """One engine over engines.vllm.replicas, or over the replicas DNS discovery finds."""
+    cfg = settings.engines.vllm
+    template = hf_chat_template(settings)
+    model = settings.vllm_model_name()
+
+    def replica(url: str) -> VLLMEngine:
+        return VLLMEngine(cfg, url, model, None, observer, template=template)
+
+    discover = DnsReplicas(cfg.discovery) if cfg.discovery else None
+    return ReplicatedVLLMEngine(
+        cfg, replica, cfg.replicas, discover, observer, discovery_target=cfg.discovery
+    )
+
+
+def build_engines(settings: Settings, observer: EngineObserver | None = None) -> list[Engine]:
     """Engines in routing priority: vLLM (GPU) first when enabled, llama.cpp last."""
     engines: list[Engine] = []
     hf_path = settings.resolved_hf_path()
-    if settings.engines.vllm.enabled:
+    if settings.engines.vllm.enabled and (settings.engines.vllm.replicas or settings.engines.vllm.discovery):
+        engines.append(vllm_replicas(settings, observer))
+    elif settings.engines.vllm.enabled:
         cfg = settings.engines.vllm
         launcher = None
         if cfg.launch.enabled:
@@ -37,6 +63,9 @@ def build_engines(settings: Settings, observer: AdapterObserver | None = None) -
                 settings.vllm_model_name(),
                 settings.model.max_model_len,
                 settings.data_dir / "logs" / "vllm.log",
+                # Resolver mode reads versions where the registry writes them.
+                adapters_dir=settings.data_dir.resolve() / "adapters",
+                base=settings.model.name,
             )
         engines.append(
             VLLMEngine(

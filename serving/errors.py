@@ -21,6 +21,7 @@ FallbackReason = Literal[
     "circuit_open",
     "unhealthy",  # vLLM's health probe failed
     "adapter_load_failed",  # vLLM refused the adapter; llama.cpp may still serve it
+    "adapter_load_miss",  # a vLLM replica answered 404 for a registered adapter it does not hold
     "cancelled",  # an adapter load that concurrent requests waited on was cancelled
 ]
 FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
@@ -133,6 +134,25 @@ class ServerBusy(RetryLater):
     status_code = 503
     error_type = "server_error"
     code = "server_busy"
+
+
+class LimitsUnavailable(RetryLater):
+    """The shared limits (limits.backend redis) cannot be reached and
+    limits.redis.on_unreachable is fail_closed: no request is admitted uncounted."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "limits_unavailable"
+
+
+class StoreUnavailable(RetryLater):
+    """The database that holds tenants' keys (store.url) cannot be reached: the key
+    cannot be checked, so the request is refused, not let through."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+    default_retry_after_s = 2
 
 
 class BodyTimeout(ApiError):

@@ -6,13 +6,16 @@ Tokens are charged after the request, when usage is known; a tenant whose bucket
 in debt is refused until it refills. Over any limit: 429 with Retry-After, when the
 bucket will hold enough again, or for concurrency, about when the first of the tenant's
 requests in flight should end (from how long its recent requests took).
+
+`Limits` is what the route uses; TenantLimiter is its in-process backend (one gateway),
+serving/limits_redis.py the shared one (many gateways).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal, Protocol, get_args
 
 from serving.errors import RetryLater
 from tuneserve.config import TenantLimits
@@ -22,6 +25,54 @@ class RateLimited(RetryLater):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class Slot(Protocol):
+    def release(self, tokens_used: int) -> None:
+        """Give the slot back, charging `tokens_used`; only the first call counts.
+
+        Never blocks: a shared backend sends the release in the background."""
+
+
+UnreachablePolicy = Literal["fail_closed", "local_share"]
+UNREACHABLE_POLICIES: tuple[UnreachablePolicy, ...] = get_args(UnreachablePolicy)
+
+
+@dataclass
+class LimitsHealth:
+    """What /metrics tells about a shared backend: whether it answers, and how many
+    requests were decided without it, by the policy that decided them."""
+
+    backend: str
+    policy: UnreachablePolicy
+    up: bool | None = None  # None until it was first asked
+    degraded: int = 0
+
+
+class Limits(Protocol):
+    @property
+    def health(self) -> LimitsHealth | None:
+        """None for in-process limits: nothing there can be unreachable."""
+
+    async def admit(self, tenant: str) -> Slot:
+        """Admit one request of `tenant` or raise RateLimited (or, for a shared backend
+        that cannot be reached under fail_closed, LimitsUnavailable)."""
+
+    async def aclose(self) -> None: ...
+
+
+def limited(limits: TenantLimits) -> bool:
+    return bool(limits.requests_per_minute or limits.tokens_per_minute or limits.concurrent_requests)
+
+
+class Unlimited:
+    """The slot of a tenant without limits: nothing to give back."""
+
+    def release(self, tokens_used: int) -> None:
+        pass
+
+
+UNLIMITED = Unlimited()
 
 
 # Request durations are averaged exponentially: recent requests count most, and one
@@ -80,6 +131,8 @@ class TenantSlot:
 
 
 class TenantLimiter:
+    health: LimitsHealth | None = None
+
     def __init__(
         self,
         defaults: TenantLimits,
@@ -105,10 +158,16 @@ class TenantLimiter:
             self._state[tenant] = state
         return state
 
-    def admit(self, tenant: str) -> TenantSlot:
+    async def admit(self, tenant: str) -> TenantSlot:
+        return self.admit_now(tenant)
+
+    def admit_now(self, tenant: str) -> TenantSlot:
         """acquire(), as a slot the request holds until it releases it."""
         self.acquire(tenant)
         return TenantSlot(self, tenant, self._clock())
+
+    async def aclose(self) -> None:
+        pass
 
     def acquire(self, tenant: str) -> None:
         """Admit one request or raise RateLimited; pair with release()."""

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from serving.engines.replica_events import REPLICA_OUTCOMES, ROUTING_DECISIONS
 from serving.errors import FALLBACK_REASONS
+from serving.limits import UNREACHABLE_POLICIES
 
 # Buckets fit LLM serving: tiny CPU models answer in tens of ms, big GPU ones in minutes.
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
@@ -57,6 +59,11 @@ class MetricSpec:
         """For gauges read from the engines at scrape time."""
         assert self.kind == "gauge", self.name
         return GaugeMetricFamily(self.name, self.help, labels=list(self.labels))
+
+    def counter_family(self) -> CounterMetricFamily:
+        """For counters kept outside prometheus_client and read at scrape time."""
+        assert self.kind == "counter", self.name
+        return CounterMetricFamily(self.name, self.help, labels=list(self.labels))
 
 
 REQUESTS = MetricSpec(
@@ -163,8 +170,57 @@ ADAPTER_EVICTIONS = MetricSpec(
     ("backend",),
     "adapters evicted (LRU) to make room",
 )
+VLLM_REPLICA_REQUESTS = MetricSpec(
+    "tuneserve_vllm_replica_requests",
+    "counter",
+    "Requests tried on each vLLM replica, by outcome.",
+    ("replica", "outcome"),
+    "requests tried on a vLLM replica (`engines.vllm.replicas` or `discovery`; `replica` is its URL, "
+    "past 64 replicas `_other`): served there, moved to the next replica, moved on a 404 for the adapter, "
+    "or refused as invalid",
+    label_values={"outcome": REPLICA_OUTCOMES},
+)
+VLLM_ROUTING_DECISIONS = MetricSpec(
+    "tuneserve_vllm_routing_decisions",
+    "counter",
+    "How each request's first vLLM replica was chosen.",
+    ("decision",),
+    "first replica of a request: the adapter's rendezvous owner, a spill past it (over the load bound), "
+    "or the least loaded (base model)",
+    label_values={"decision": ROUTING_DECISIONS},
+)
+VLLM_REPLICA_UP = MetricSpec(
+    "tuneserve_vllm_replica_up",
+    "gauge",
+    "1 when the vLLM replica can take requests (healthy, circuit not open), else 0.",
+    ("replica",),
+    "1 when a vLLM replica can take requests (its own health probe and circuit breaker)",
+)
+VLLM_REPLICA_LOAD = MetricSpec(
+    "tuneserve_vllm_replica_load",
+    "gauge",
+    "Running + waiting requests on the vLLM replica, as routing sees it.",
+    ("replica",),
+    "a replica's running + waiting requests (its last `/metrics` scrape plus what this gateway sent since)",
+)
+LIMITS_BACKEND_UP = MetricSpec(
+    "tuneserve_limits_backend_up",
+    "gauge",
+    "1 when the shared limits backend answers, else 0 (absent with limits.backend local).",
+    ("backend",),
+    "1 when Redis holding the shared tenant limits answers (`limits.backend: redis`), else 0",
+)
+LIMITS_DEGRADED = MetricSpec(
+    "tuneserve_limits_degraded",
+    "counter",
+    "Requests of limited tenants decided without the shared limits backend, by policy.",
+    ("policy",),
+    "requests decided while Redis was unreachable: refused with 503 (fail_closed) or "
+    "admitted against limit/`limits.redis.gateways` in-process (local_share)",
+    label_values={"policy": UNREACHABLE_POLICIES},
+)
 
-# README's order: traffic, latency, tokens, capacity, routing, adapters.
+# README's order: traffic, latency, tokens, capacity, routing, adapters, limits.
 CATALOG: tuple[MetricSpec, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -177,7 +233,13 @@ CATALOG: tuple[MetricSpec, ...] = (
     QUEUE_CAPACITY,
     FALLBACKS,
     BACKEND_UP,
+    VLLM_REPLICA_REQUESTS,
+    VLLM_ROUTING_DECISIONS,
+    VLLM_REPLICA_UP,
+    VLLM_REPLICA_LOAD,
     ADAPTER_LOAD,
     ADAPTERS_LOADED,
     ADAPTER_EVICTIONS,
+    LIMITS_BACKEND_UP,
+    LIMITS_DEGRADED,
 )

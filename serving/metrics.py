@@ -7,6 +7,7 @@ for an unknown adapter is labelled before lookup with adapter "base" and fails w
 404). Registered names are not few enough on their own (any tenant may register
 adapters), so only the first server.metrics.max_tenant_labels tenants and
 max_adapter_labels tenant/adapter pairs keep their names; later ones share OVERFLOW.
+`replica` is a vLLM replica's URL, capped the same way at MAX_REPLICA_LABELS.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import time
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 
 from serving import metric_catalog as catalog
 from serving.engines.base import Engine
+from serving.engines.replica_events import ReplicaOutcome, ReplicaState, RoutingDecision
 from serving.errors import FallbackReason
+from serving.limits import LimitsHealth
 from tuneserve.config import MetricsConfig
 
 NO_BACKEND = "none"
@@ -29,6 +32,8 @@ ADMIN_TENANT = "admin"  # what serving.access labels an admin's requests with (A
 BASE_ADAPTER = "base"
 # Not a valid tenant or adapter name (tuneserve/names.py): never mistaken for a real one.
 OVERFLOW = "_other"
+# vLLM replicas that keep their URL as a label (engines.vllm.replicas / discovery).
+MAX_REPLICA_LABELS = 64
 # Labels of requests that name no tenant or no adapter: never counted against the caps.
 _FIXED_TENANTS = frozenset({NO_TENANT, ADMIN_TENANT})
 
@@ -61,6 +66,13 @@ class GatewayMetrics:
         self.adapter_load = catalog.ADAPTER_LOAD.histogram(r)
         self.adapter_evictions = catalog.ADAPTER_EVICTIONS.counter(r)
         self.fallbacks = catalog.FALLBACKS.counter(r)
+        self.replica_requests = catalog.VLLM_REPLICA_REQUESTS.counter(r)
+        self.routing_decisions = catalog.VLLM_ROUTING_DECISIONS.counter(r)
+        # Replica URLs come from config or DNS; pods that come and go bring new
+        # addresses, so only the first MAX_REPLICA_LABELS keep theirs.
+        self._replicas: set[str] = set()
+        self._replica_states: list[Callable[[], Iterable[ReplicaState]]] = []
+        self.registry.register(_ReplicaStateCollector(self))
 
     def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """`metric.labels(*values)`, remembered.
@@ -102,9 +114,53 @@ class GatewayMetrics:
     def adapter_evicted(self, backend: str) -> None:
         self.adapter_evictions.labels(backend).inc()
 
+    def replica_label(self, replica: str) -> str:
+        if replica not in self._replicas:
+            if len(self._replicas) >= MAX_REPLICA_LABELS:
+                return OVERFLOW
+            self._replicas.add(replica)
+        return replica
+
+    # ReplicaObserver
+    def replica_request(self, replica: str, outcome: ReplicaOutcome) -> None:
+        self.child(self.replica_requests, self.replica_label(replica), outcome).inc()
+
+    def replica_routed(self, decision: RoutingDecision) -> None:
+        self.child(self.routing_decisions, decision).inc()
+
+    def watch_replicas(self, states: Callable[[], Iterable[ReplicaState]]) -> None:
+        self._replica_states.append(states)
+
+    def replica_states(self) -> Iterable[ReplicaState]:
+        for states in self._replica_states:
+            yield from states()
+
     def watch_engines(self, engines: Callable[[], Iterable[Engine]]) -> None:
         """Backend up/down and queue depth are read from the engines at scrape time."""
         self.registry.register(_EngineStateCollector(engines))
+
+    def watch_limits(self, health: LimitsHealth | None) -> None:
+        """The shared limits backend's state, read at scrape time (none for in-process limits)."""
+        if health is not None:
+            self.registry.register(_LimitsCollector(health))
+
+
+class _LimitsCollector:
+    def __init__(self, health: LimitsHealth) -> None:
+        self._health = health
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        health = self._health
+        up = catalog.LIMITS_BACKEND_UP.gauge_family()
+        if health.up is not None:  # not yet asked: neither up nor down
+            up.add_metric([health.backend], 1.0 if health.up else 0.0)
+        yield up
+        degraded = catalog.LIMITS_DEGRADED.counter_family()
+        degraded.add_metric([health.policy], float(health.degraded))
+        yield degraded
 
 
 class _EngineStateCollector:
@@ -128,6 +184,28 @@ class _EngineStateCollector:
         yield depth
         yield capacity
         yield loaded
+
+
+class _ReplicaStateCollector:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        up = catalog.VLLM_REPLICA_UP.gauge_family()
+        load = catalog.VLLM_REPLICA_LOAD.gauge_family()
+        seen: set[str] = set()
+        for state in self._metrics.replica_states():
+            label = self._metrics.replica_label(state.replica)
+            if label in seen:
+                continue  # past the cap: one _other series, not one per replica
+            seen.add(label)
+            up.add_metric([label], 1.0 if state.ready else 0.0)
+            load.add_metric([label], state.load)
+        yield up
+        yield load
 
 
 class RequestTimer:

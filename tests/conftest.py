@@ -7,6 +7,7 @@ from typing import Iterator
 import pytest
 from openai import OpenAI
 
+from tests.support.postgres_server import postgres_dsn, postgres_server  # noqa: F401  (fixtures)
 from tests.support.servers import DATA_DIR, MODEL, ServerProcess, gateway, vllm_server
 from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME
 

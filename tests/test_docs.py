@@ -7,7 +7,9 @@ import re
 from prometheus_client import generate_latest
 
 from scripts import config_table, metrics_table
+from serving.engines.replica_events import ReplicaState
 from serving.errors import FALLBACK_REASONS
+from serving.limits import LimitsHealth
 from serving.metric_catalog import CATALOG
 from serving.metrics import GatewayMetrics
 from tests.support.servers import ROOT
@@ -27,6 +29,9 @@ def test_config_table_is_current() -> None:
 def _exported_names() -> list[str]:
     metrics = GatewayMetrics(["m"])
     metrics.watch_engines(lambda: [])
+    # Families that exist only with their part configured: shared limits, vLLM replicas.
+    metrics.watch_limits(LimitsHealth("redis", "fail_closed"))
+    metrics.watch_replicas(lambda: [ReplicaState("http://replica:8000", True, 0.0)])
     return re.findall(r"^# TYPE (\S+) ", generate_latest(metrics.registry).decode(), re.M)
 
 

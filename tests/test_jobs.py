@@ -1,5 +1,7 @@
 """Jobs: a merge killed mid-run is reported failed (never "running"), its staging dir
-is removed, it can be re-run; cancel stops a running job and publishes nothing."""
+is removed, it can be re-run; cancel stops a running job and publishes nothing. The
+in-process runner tests run on SQLite and on a real PostgreSQL (the `jobs` fixture),
+with the cross-machine part: claims, leases, a cancel from another host."""
 
 from __future__ import annotations
 
@@ -12,17 +14,46 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from tests.support.adapters import HF_DIR
 from tests.support.merges import GGUF, adapters, cli, full_models, job_of, merge_work, write_yaml  # noqa: F401
+from tests.support.postgres_server import migrated_store
 from tests.support.servers import ROOT
+from tuneserve.db import Store
+from tuneserve.db.sqlite import SQLiteStore
+from tuneserve.jobs import runner
 from tuneserve.jobs.runner import run_job, submit
 from tuneserve.jobs.store import JobError, JobStatus, JobStore
-from tuneserve.store import Store
 
 MODEL_ARGS = ("--model.hf_path", str(HF_DIR), "--model.gguf_path", str(GGUF))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Opens another store on one database: each is a separate instance (machine)."""
+    if request.param == "sqlite":
+        make: Callable[[], Store] = lambda: SQLiteStore(tmp_path / "tuneserve.db")  # noqa: E731
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        migrated_store(dsn).close()
+        make = lambda: migrated_store(dsn)  # noqa: E731
+    opened: list[Store] = []
+
+    def new() -> Store:
+        opened.append(make())
+        return opened[-1]
+
+    yield new
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def jobs(new_store: Callable[[], Store]) -> JobStore:
+    return JobStore(new_store())
 
 
 def _start_merge(config: Path, out: Path, data_dir: Path) -> subprocess.Popen:
@@ -147,10 +178,9 @@ def test_export_refused_up_front_when_the_disk_is_short(full_models, tmp_path, m
     assert [j["status"] for j in jobs] == ["failed"] and "needs about" in jobs[0]["error"]
 
 
-def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(tmp_path, monkeypatch):
+def test_cancel_landing_as_the_job_starts_is_a_clean_cancel(jobs, monkeypatch):
     """The cancel that arrives the instant the row says "running" (the window the CLI test
     above races through) ends the job cancelled, never as a stray signal and a stuck row."""
-    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
     started = JobStore.mark_running
 
@@ -187,11 +217,10 @@ def _sleep_through_signal(seconds: float = 10) -> None:
         time.sleep(0.01)
 
 
-def test_cancel_that_library_code_rewraps_is_still_a_cancel(tmp_path):
+def test_cancel_that_library_code_rewraps_is_still_a_cancel(jobs):
     """Library code may catch the runner's interruption and raise its own exception
     instead (a bare `except:` that re-raises as RuntimeError). The job still ends
     cancelled, with a JobError, and the log keeps what the library raised."""
-    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
 
     def wrapping_work(ctx) -> list[str]:
@@ -209,10 +238,9 @@ def test_cancel_that_library_code_rewraps_is_still_a_cancel(tmp_path):
     assert "after SIGTERM: RuntimeError: tensor loader failed" in record.log
 
 
-def test_second_sigterm_while_recording_the_cancel(tmp_path, monkeypatch):
+def test_second_sigterm_while_recording_the_cancel(jobs, monkeypatch):
     """A SIGTERM repeated while the first is being recorded (an impatient operator, a
     pod's stop) cannot cut the recording short or escape as a raw signal."""
-    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
     finished = JobStore.mark_finished
 
@@ -232,9 +260,8 @@ def test_second_sigterm_while_recording_the_cancel(tmp_path, monkeypatch):
     assert jobs.get(job_id).status is JobStatus.cancelled
 
 
-def test_sigterm_without_a_cancel_fails_the_job(tmp_path):
+def test_sigterm_without_a_cancel_fails_the_job(jobs):
     """A SIGTERM that is no cancel (the host shutting down) fails the job, saying so."""
-    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
     job_id = submit(jobs, "merge", {"what": "nothing"})
 
     def work(ctx) -> list[str]:
@@ -246,3 +273,113 @@ def test_sigterm_without_a_cancel_fails_the_job(tmp_path):
         run_job(jobs, job_id, work)
     record = jobs.get(job_id)
     assert record.status is JobStatus.failed and "interrupted by SIGTERM" in (record.error or "")
+
+
+# ---------------------------------------------------------------- across machines
+
+
+def _race(runners: list[JobStore], job_id: str) -> tuple[list[int], list[str]]:
+    """Both runners start `job_id` at once; which ran it, and what the other was told."""
+    start = threading.Barrier(len(runners))
+    ran: list[int] = []
+    refused: list[str] = []
+
+    def race(n: int) -> None:
+        start.wait()
+        try:
+            run_job(runners[n], job_id, lambda ctx: ran.append(n) or [], show_progress=False)
+        except JobError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(len(runners))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return ran, refused
+
+
+def test_two_runners_claim_one_job_once(new_store):
+    """Two runners (each its own store, as on two machines) start the same queued job at
+    the same moment, over and over: exactly one runs it each time."""
+    creator = JobStore(new_store())
+    runners = [JobStore(new_store()), JobStore(new_store())]
+    for _ in range(10):
+        job_id = submit(creator, "merge", {"what": "nothing"})
+        ran, refused = _race(runners, job_id)
+        assert len(ran) == 1 and len(refused) == 1, (ran, refused)
+        assert "claimed by another runner" in refused[0] or "not queued" in refused[0]
+        assert creator.get(job_id).status is JobStatus.succeeded
+        owner = creator.store.query("SELECT owner FROM jobs WHERE id = ?", (job_id,))[0]["owner"]
+        assert owner == str(runners[ran[0]].owner)
+
+
+def _as_remote(jobs: JobStore, job_id: str, status: str, lease_in_s: float) -> None:
+    """Make a job look owned by a runner on another machine, its lease due in lease_in_s."""
+    jobs.store.execute(
+        "UPDATE jobs SET status = ?, owner = ?, lease_expires_at = ?, pid = ?, pid_start = ? WHERE id = ?",
+        (status, "elsewhere.example:4242:99:abcd", time.time() + lease_in_s, 4242, "99", job_id),
+    )
+
+
+def test_a_remote_owner_is_failed_only_once_its_lease_expires(jobs, tmp_path):
+    staging = tmp_path / ".out.tmp-remote"
+    staging.mkdir()
+    live, dead, queued = (submit(jobs, "merge", {"n": n}) for n in range(3))
+    _as_remote(jobs, live, "running", lease_in_s=30)
+    _as_remote(jobs, dead, "running", lease_in_s=-1)
+    _as_remote(jobs, queued, "queued", lease_in_s=-1)
+    jobs.update(dead, staging=str(staging))
+    # A pid that is alive here means nothing for another host's job: only the lease counts.
+    jobs.store.execute("UPDATE jobs SET pid = ? WHERE id = ?", (os.getpid(), live))
+
+    assert sorted(JobStore(jobs.store).recover()) == sorted([dead, queued])
+    assert jobs.get(live).status is JobStatus.running
+    failed = jobs.get(dead)
+    assert failed.status is JobStatus.failed and "stopped renewing its lease" in (failed.error or "")
+    assert f"tuneserve jobs rerun {dead}" in (failed.error or "") and not staging.exists()
+    assert jobs.get(queued).status is JobStatus.failed
+    assert JobStore(jobs.store).recover() == []  # nothing twice
+
+
+def test_heartbeat_renews_the_lease_and_a_lost_lease_keeps_the_failure(jobs, monkeypatch):
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+    leases: list[float] = []
+
+    def lease() -> float:
+        return jobs.store.query("SELECT lease_expires_at FROM jobs WHERE id = ?", (job_id,))[0]["lease_expires_at"]
+
+    def work(ctx) -> list[str]:
+        leases.append(lease())
+        deadline = time.monotonic() + 10
+        while lease() == leases[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        leases.append(lease())
+        # Another instance judged the owner gone meanwhile (a partition): it failed the job.
+        jobs.store.execute("UPDATE jobs SET status = 'failed', error = 'lease expired' WHERE id = ?", (job_id,))
+        return ["out"]
+
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_job(jobs, job_id, work, show_progress=False)))
+    thread.start()
+    thread.join(timeout=60)
+    assert leases[1] > leases[0]  # renewed while the work ran
+    record = jobs.get(job_id)
+    assert record.status is JobStatus.failed and record.error == "lease expired"  # not turned into a success
+
+
+def test_cancel_from_another_machine_reaches_the_job_through_its_heartbeat(jobs, monkeypatch):
+    """A SIGTERM cannot cross machines: the flag in the row does, at the next heartbeat."""
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
+    job_id = submit(jobs, "merge", {"what": "nothing"})
+
+    def work(ctx) -> list[str]:
+        # What `tuneserve jobs cancel` on another host writes (it cannot signal us).
+        jobs.store.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        _sleep_through_signal()
+        return ["never"]
+
+    with pytest.raises(JobError, match="cancelled"):
+        run_job(jobs, job_id, work)
+    assert jobs.get(job_id).status is JobStatus.cancelled

@@ -60,29 +60,29 @@ def test_unlimited_by_default() -> None:
 def test_a_slot_is_released_once() -> None:
     clock = ManualClock(1000.0)
     limiter = TenantLimiter(TenantLimits(concurrent_requests=2, tokens_per_minute=100), {}, clock)
-    first, _ = limiter.admit("a"), limiter.admit("a")
+    first, _ = limiter.admit_now("a"), limiter.admit_now("a")
     first.release(150)  # the answer, with its usage...
     first.release(7)  # ...then the request's way out: neither frees nor charges again
     clock.now += 31  # refills 51.7 tokens: out of the debt of 150, not of 157
-    limiter.admit("a")
+    limiter.admit_now("a")
     with pytest.raises(RateLimited, match="in flight"):
-        limiter.admit("a")
+        limiter.admit_now("a")
 
 
 def test_concurrency_retry_after_follows_the_tenants_request_times() -> None:
     clock = ManualClock(1000.0)
     limiter = TenantLimiter(TenantLimits(concurrent_requests=1), {}, clock)
-    slow = limiter.admit("a")
+    slow = limiter.admit_now("a")
     clock.now += 20
     slow.release(0)
-    held = limiter.admit("a")
+    held = limiter.admit_now("a")
     with pytest.raises(RateLimited, match="in flight") as info:
-        limiter.admit("a")
+        limiter.admit_now("a")
     assert info.value.headers["Retry-After"] == "20"  # its one request in flight takes ~20 s
     held.release(0)  # at once: a fifth of the way from 20 s to 0
-    limiter.admit("a")
+    limiter.admit_now("a")
     with pytest.raises(RateLimited) as info:
-        limiter.admit("a")
+        limiter.admit_now("a")
     assert info.value.headers["Retry-After"] == "16"
 
 

@@ -18,6 +18,7 @@ from merge.export import ExportSpec
 from merge.tasks import run_new
 from tests.support.servers import DATA_DIR, MODEL, ROOT
 from tuneserve.config import load_settings
+from tuneserve.db.sqlite import SQLiteStore
 from tuneserve.errors import ModelPreparationError
 from tuneserve.gguf import isolated
 from tuneserve.gguf.agreement import DecodeCheckRequest, isolated_decode_check
@@ -27,7 +28,6 @@ from tuneserve.gguf.quantize import quantize_gguf
 from tuneserve.jobs.store import JobError, JobStatus, JobStore
 from tuneserve.models import prepare
 from tuneserve.models.prepare import F16_GGUF_NAME, GGUF_NAME, MARKER
-from tuneserve.store import Store
 
 MODEL_DIR = DATA_DIR / "models" / MODEL
 NO_AMX = frozenset({"avx2", "avx512f"})
@@ -144,7 +144,7 @@ def test_a_crashing_gate_fails_an_export_job_and_publishes_nothing(tmp_path: Pat
         source=MODEL_DIR / F16_GGUF_NAME, out=out, type="Q8_0", reference=MODEL_DIR / "hf",
         gate=GateConfig(), gate_cache=DATA_DIR / "cache" / "gate",
     )
-    jobs = JobStore(Store(tmp_path / "tuneserve.db"))
+    jobs = JobStore(SQLiteStore(tmp_path / "tuneserve.db"))
     with pytest.raises(JobError, match="SIGSEGV"):
         run_new(jobs, "export", spec.model_dump(mode="json"), settings)
     job = jobs.list()[0]

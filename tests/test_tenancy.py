@@ -1,4 +1,6 @@
-"""Tenants, API keys, authentication and the audit log, on a real SQLite database.
+"""Tenants, API keys, authentication and the audit log, on a real SQLite database and
+(the TenantStore and Authenticator tests, through the parametrized `store` fixture) on a
+real PostgreSQL.
 
 The CLI runs as a subprocess, as an operator would run it, against a temp data dir;
 in-process checks open the same database, so they also prove that changes made by
@@ -7,6 +9,7 @@ another process apply at once.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import logging
@@ -17,7 +20,7 @@ import sys
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator
 
 import pytest
 from pydantic import ValidationError
@@ -30,10 +33,13 @@ from serving.auth import (
     log_dev_mode_warning,
 )
 from serving.errors import Unauthorized
+from tests.support.postgres_server import migrated_store
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.config import AuthConfig, load_settings
+from tuneserve.db import Store, StoreError, open_store
+from tuneserve.db.migrations import SQLITE as MIGRATIONS
+from tuneserve.db.sqlite import SQLiteStore, db_path
 from tuneserve.errors import ConfigError, TuneserveError
-from tuneserve.store import MIGRATIONS, Store, StoreError, db_path
 from tuneserve.tenants.store import (
     InvalidTenantName,
     TenantExists,
@@ -63,10 +69,16 @@ def all_bytes(data_dir: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file())
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(db_path(tmp_path)) as store:
-        yield store
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened: Store
+    if request.param == "sqlite":
+        opened = SQLiteStore(db_path(tmp_path))
+    else:
+        opened = migrated_store(request.getfixturevalue("postgres_dsn"))
+    with opened:
+        yield opened
+        await opened.aclose()
 
 
 @pytest.fixture
@@ -74,16 +86,16 @@ def tenants(store: Store) -> TenantStore:
     return TenantStore(store)
 
 
-def rejects(auth: Authenticator, header: str | None) -> Unauthorized:
+async def rejects(auth: Authenticator, header: str | None) -> Unauthorized:
     with pytest.raises(Unauthorized) as info:
-        auth.authenticate(header)
+        await auth.authenticate(header)
     return info.value
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_lifecycle_key_shown_once_and_never_stored(tmp_path: Path) -> None:
+async def test_cli_lifecycle_key_shown_once_and_never_stored(tmp_path: Path) -> None:
     created = cli(tmp_path, "create", "acme")
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
@@ -99,24 +111,24 @@ def test_cli_lifecycle_key_shown_once_and_never_stored(tmp_path: Path) -> None:
 
     # One authenticator, opened before the changes below and kept open: what another
     # process changes must apply to it at once.
-    with Store(db_path(tmp_path)) as store:
+    with SQLiteStore(db_path(tmp_path)) as store:
         auth = Authenticator(AuthConfig(enabled=True), TenantStore(store))
-        assert auth.authenticate(f"Bearer {key}") == Principal(tenant="acme", is_admin=False)
+        assert await auth.authenticate(f"Bearer {key}") == Principal(tenant="acme", is_admin=False)
 
         rotated = cli(tmp_path, "rotate-key", "acme")
         assert rotated.returncode == 0, rotated.stderr
         new_key = rotated.stdout.strip()
         assert new_key != key and new_key.startswith("ts-") and len(new_key) == 58
-        rejects(auth, f"Bearer {key}")  # rotated away
-        assert auth.authenticate(f"Bearer {new_key}").tenant == "acme"
+        await rejects(auth, f"Bearer {key}")  # rotated away
+        assert (await auth.authenticate(f"Bearer {new_key}")).tenant == "acme"
 
         # Positive control: the files are readable and do hold the key's hash...
         assert hash_key(new_key) in all_bytes(tmp_path)
 
         deleted = cli(tmp_path, "delete", "acme")
         assert deleted.returncode == 0, deleted.stderr
-        rejects(auth, f"Bearer {new_key}")  # deleted tenant: refused at once
-        rejects(auth, f"Bearer {key}")
+        await rejects(auth, f"Bearer {new_key}")  # deleted tenant: refused at once
+        await rejects(auth, f"Bearer {key}")
 
         # ...but never a key, nor its secret part, with the database open (WAL) or closed.
         data = all_bytes(tmp_path)
@@ -176,7 +188,7 @@ def test_concurrent_creates_on_a_fresh_database(tmp_path: Path) -> None:
     results = [(racer.wait(timeout=120), racer.stderr.read().decode()) for racer in racers]
     assert sorted(code for code, _ in results) == [0, 2, 2], results
     assert all("already exists" in err for code, err in results if code == 2)
-    with Store(db_path(tmp_path)) as store:
+    with SQLiteStore(db_path(tmp_path)) as store:
         assert store.schema_version() == len(MIGRATIONS)
         assert [t.name for t in TenantStore(store).list()] == ["race"]
 
@@ -219,19 +231,19 @@ def test_issued_key_stays_out_of_reprs(tenants: TenantStore) -> None:
 # ---------------------------------------------------------------- authentication
 
 
-def test_tenant_and_admin_keys(tenants: TenantStore) -> None:
+async def test_tenant_and_admin_keys(tenants: TenantStore) -> None:
     key = tenants.create("acme").api_key.get_secret_value()
     auth = Authenticator(AuthConfig(enabled=True, admin_key=ADMIN_KEY), tenants)
-    assert auth.authenticate(f"Bearer {key}") == Principal(tenant="acme", is_admin=False)
-    assert auth.authenticate(f"Bearer {ADMIN_KEY}") == ADMIN_PRINCIPAL
+    assert await auth.authenticate(f"Bearer {key}") == Principal(tenant="acme", is_admin=False)
+    assert await auth.authenticate(f"Bearer {ADMIN_KEY}") == ADMIN_PRINCIPAL
     assert ADMIN_PRINCIPAL == Principal(tenant=None, is_admin=True)
     # The scheme is case-insensitive and any whitespace separates it (RFC 9110).
-    assert auth.authenticate(f"bearer\t{key} ").tenant == "acme"
+    assert (await auth.authenticate(f"bearer\t{key} ")).tenant == "acme"
     with pytest.raises(ValidationError):
         ADMIN_PRINCIPAL.is_admin = False  # type: ignore[misc]  # frozen
 
 
-def test_refused_headers(tenants: TenantStore) -> None:
+async def test_refused_headers(tenants: TenantStore) -> None:
     key = tenants.create("acme").api_key.get_secret_value()
     other = tenants.create("other").api_key.get_secret_value()
     auth = Authenticator(AuthConfig(enabled=True, admin_key=ADMIN_KEY), tenants)
@@ -251,7 +263,7 @@ def test_refused_headers(tenants: TenantStore) -> None:
         f"Bearer {ADMIN_KEY[:-1]}",
     ]
     for header in missing + wrong:
-        error = rejects(auth, header)
+        error = await rejects(auth, header)
         assert error.status_code == 401 and error.headers == {"WWW-Authenticate": "Bearer"}
         body = error.body()["error"]
         assert (body["type"], body["code"]) == ("invalid_request_error", "invalid_api_key")
@@ -260,16 +272,23 @@ def test_refused_headers(tenants: TenantStore) -> None:
         assert expected in body["message"], header
 
 
-def test_authenticate_from_many_threads(tenants: TenantStore) -> None:
-    """One shared connection: lookups from several threads while another writes."""
+def test_authenticate_from_many_threads(store: Store, tenants: TenantStore) -> None:
+    """One shared connection (SQLite) or pool (PostgreSQL, a loop's own): lookups from
+    several threads, each with its event loop, while another writes."""
     keys = {f"t{n}": tenants.create(f"t{n}").api_key.get_secret_value() for n in range(4)}
     auth = Authenticator(AuthConfig(enabled=True), tenants)
     errors: list[BaseException] = []
 
-    def check(name: str) -> None:
+    async def check_many(name: str) -> None:
         try:
             for _ in range(200):
-                assert auth.authenticate(f"Bearer {keys[name]}").tenant == name
+                assert (await auth.authenticate(f"Bearer {keys[name]}")).tenant == name
+        finally:
+            await store.aclose()
+
+    def check(name: str) -> None:
+        try:
+            asyncio.run(check_many(name))
         except BaseException as exc:  # surfaced below: threads swallow exceptions
             errors.append(exc)
 
@@ -283,21 +302,21 @@ def test_authenticate_from_many_threads(tenants: TenantStore) -> None:
     assert errors == []
 
 
-def test_enabled_without_admin_key_accepts_tenants_only(tenants: TenantStore) -> None:
+async def test_enabled_without_admin_key_accepts_tenants_only(tenants: TenantStore) -> None:
     key = tenants.create("acme").api_key.get_secret_value()
     auth = Authenticator(load_settings(environ={"TUNESERVE_AUTH__ENABLED": "true"}).auth, tenants)
-    assert auth.authenticate(f"Bearer {key}").tenant == "acme"
-    rejects(auth, f"Bearer {ADMIN_KEY}")
+    assert (await auth.authenticate(f"Bearer {key}")).tenant == "acme"
+    await rejects(auth, f"Bearer {ADMIN_KEY}")
 
 
-def test_dev_mode_accepts_everything_and_warns(
+async def test_dev_mode_accepts_everything_and_warns(
     tenants: TenantStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = tenants.create("acme").api_key.get_secret_value()
     auth = Authenticator(AuthConfig(admin_key=ADMIN_KEY), tenants)
     assert not auth.enabled
     for header in (None, "", "Bearer unused", f"Bearer {key}", f"Bearer {ADMIN_KEY}"):
-        assert auth.authenticate(header) == DEV_PRINCIPAL
+        assert await auth.authenticate(header) == DEV_PRINCIPAL
     assert DEV_PRINCIPAL == Principal(tenant="default", is_admin=True)
 
     with caplog.at_level(logging.WARNING):
@@ -399,10 +418,10 @@ def test_audit_concurrent_appends_give_whole_lines(tmp_path: Path) -> None:
 
 def test_store_schema_and_wal(tmp_path: Path) -> None:
     path = db_path(tmp_path)
-    with Store(path) as store:
+    with SQLiteStore(path) as store:
         assert store.schema_version() == len(MIGRATIONS)
-        assert store.query("PRAGMA journal_mode")[0][0] == "wal"
-    with Store(path) as store:  # reopening applies nothing twice
+        assert store.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
+    with SQLiteStore(path) as store:  # reopening applies nothing twice
         assert store.schema_version() == len(MIGRATIONS)
     assert path.stat().st_mode & 0o777 == 0o600
 
@@ -410,11 +429,22 @@ def test_store_schema_and_wal(tmp_path: Path) -> None:
         conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
     conn.close()
     with pytest.raises(StoreError, match="newer than this tuneserve knows"):
-        Store(path)
+        SQLiteStore(path)
 
 
 def test_store_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     path = db_path(tmp_path)
     path.write_bytes(b"not a database" * 100)
     with pytest.raises(StoreError, match="cannot open database"):
-        Store(path)
+        SQLiteStore(path)
+
+
+def test_store_url_selects_the_sqlite_file(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "state.db"
+    overrides = {"store.url": f"sqlite:///{target}", "data_dir": str(tmp_path / "data")}
+    with open_store(load_settings(overrides=overrides, environ={})) as store:
+        assert isinstance(store, SQLiteStore) and store.path == target
+        assert store.schema_version() == len(MIGRATIONS)  # migrated on open, as the default
+    assert target.is_file() and not (tmp_path / "data" / "tuneserve.db").exists()
+    with open_store(load_settings(overrides={"data_dir": str(tmp_path / "data")}, environ={})) as store:
+        assert isinstance(store, SQLiteStore) and store.path == db_path(tmp_path / "data")

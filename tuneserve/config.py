@@ -256,11 +256,46 @@ class VLLMConfig(_Section):
     )
     breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     launch: VLLMLaunchConfig = Field(default_factory=VLLMLaunchConfig)
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of several vLLM replicas serving the same model (scale-out); "
+        "when set, url is ignored. Adapter requests go to a replica chosen by rendezvous "
+        "hashing on the adapter's versioned name, bounded by load.",
+    )
+    discovery: str | None = Field(
+        None,
+        pattern=r"^dns://[^/:]+:[0-9]+$",
+        description="Find the replicas from DNS: dns://HOST:PORT (a Kubernetes headless "
+        "Service), every A/AAAA record a replica at http://ADDRESS:PORT; re-resolved every "
+        "discovery_interval_s. Overrides url and replicas.",
+    )
+    discovery_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between DNS look-ups of the replicas (discovery)."
+    )
+    load_bound: float = Field(
+        0.5,
+        ge=0,
+        description="Bounded-load epsilon: an adapter's replica is skipped for the next one in "
+        "hash order while its running+waiting requests exceed (1+epsilon) x the mean.",
+    )
+    adapter_loading: Literal["gateway", "resolver"] = Field(
+        "gateway",
+        description="How adapters reach vLLM. gateway: this gateway loads them through "
+        "/v1/load_lora_adapter and unloads its least recently used (one gateway, one vLLM). "
+        "resolver: each vLLM replica loads a versioned name itself through tuneserve's LoRA "
+        "resolver plugin from the shared adapter store; gateways never unload (scale-out).",
+    )
 
     @model_validator(mode="after")
     def _cpu_loras_hold_a_batch(self) -> "VLLMConfig":
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be at least max_loras (vLLM refuses otherwise)")
+        return self
+
+    @model_validator(mode="after")
+    def _launch_is_one_replica(self) -> "VLLMConfig":
+        if self.launch.enabled and (self.replicas or self.discovery):
+            raise ValueError("launch.enabled starts one local vLLM: it cannot be combined with replicas or discovery")
         return self
 
 
@@ -305,7 +340,43 @@ class TenantLimits(_Section):
     )
 
 
+class RedisLimitsConfig(_Section):
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        pattern=r"^rediss?://",
+        repr=False,
+        description="Redis holding the limits shared by every gateway (limits.backend redis).",
+    )
+    key_prefix: str = Field("tuneserve:limits:", description="Prefix of every Redis key.")
+    timeout_s: float = Field(
+        0.25, gt=0, description="Longest wait for Redis on a request before on_unreachable applies."
+    )
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A concurrency slot's lease, renewed while its request runs: a crashed "
+        "gateway's slots come back after this long.",
+    )
+    on_unreachable: Literal["fail_closed", "local_share"] = Field(
+        "fail_closed",
+        description="When Redis cannot be reached: fail_closed answers 503; local_share "
+        "applies each limit divided by gateways in this process.",
+    )
+    gateways: int = Field(
+        1,
+        ge=1,
+        description="How many gateways share the limits: under local_share each admits "
+        "limit/gateways on its own (concurrency rounded down, at least 1).",
+    )
+
+
 class LimitsConfig(_Section):
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="local: limits counted in this process (one gateway). redis: counted in "
+        "Redis, held across every gateway.",
+    )
+    redis: RedisLimitsConfig = Field(default_factory=RedisLimitsConfig)
     default: TenantLimits = Field(default_factory=TenantLimits)
     per_tenant: dict[str, TenantLimits] = Field(
         default_factory=dict,
@@ -359,6 +430,28 @@ class AdaptersConfig(_Section):
     )
 
 
+class StoreConfig(_Section):
+    url: str | None = Field(
+        None,
+        pattern=r"^(sqlite:///|postgres(ql)?://)",
+        repr=False,
+        description="Database of tenants, their key hashes and jobs. Default: SQLite at "
+        "<data_dir>/tuneserve.db (one machine; sqlite:///PATH for another file). "
+        "postgresql://USER@HOST/DB for several gateways: run `tuneserve db migrate` first, "
+        "the gateway refuses a schema that is not its own.",
+    )
+    url_file: Path | None = Field(
+        None,
+        description="File holding store.url (a mounted Secret), read at start-up; set it or "
+        "store.url, not both.",
+    )
+    pool_min_size: int = Field(
+        1, ge=0, description="PostgreSQL connections kept open per pool (the gateway has two: sync, async)."
+    )
+    pool_max_size: int = Field(10, ge=1, description="Most PostgreSQL connections per pool.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Wait for a PostgreSQL connection.")
+
+
 class Settings(_Section):
     data_dir: Path = Field(
         Path("data"), description="Where prepared models, adapters and state live."
@@ -369,6 +462,7 @@ class Settings(_Section):
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     @model_validator(mode="after")
     def _adapters_fit_vllm(self) -> "Settings":

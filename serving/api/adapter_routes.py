@@ -86,7 +86,7 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
     @app.post("/v1/adapters", status_code=201, **UPLOAD_DOCS)
     async def upload_adapter(request: Request) -> JSONResponse:
         try:
-            principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+            principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
         except ApiError as exc:  # answered before the body is read
             raise close_connection(exc) from None
         with audited(tenancy.audit, principal, "adapter.add", f"{principal.tenant or ''}/") as scope:
@@ -104,7 +104,7 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
 
     @app.get("/v1/adapters", responses=error_responses(Unauthorized))
     async def list_adapters(request: Request) -> dict[str, Any]:
-        principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
         records = await asyncio.to_thread(tenancy.visible_adapters, principal)
         return {"object": "list", "data": [adapter_json(r, base) for r in records]}
 
@@ -117,7 +117,7 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
         # Read from the path, not declared as a parameter: FastAPI would then document a
         # 422 this route never answers.
         model: str = request.path_params["model"]
-        principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
         with audited(tenancy.audit, principal, "adapter.delete", model) as scope:
             # Same addressing as `model` in a completion: another tenant's adapter is a 404.
             record = await asyncio.to_thread(tenancy.resolve_model, principal, model)

@@ -39,6 +39,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> FastA
     metrics.watch_engines(lambda: engines)
     router = Router(engines, metrics)
     tenancy = Tenancy.from_settings(settings)
+    metrics.watch_limits(tenancy.limiter.health)
     bodies = BodyGate.from_settings(settings.server)
     service = GenerationService(
         router,
@@ -90,6 +91,7 @@ def _lifespan(
             yield
         finally:
             reconciler.cancel()
+            await tenancy.aclose()
             for engine in engines:
                 await engine.stop()
 

@@ -15,6 +15,7 @@ from serving.errors import (
     BodyTimeout,
     EngineFailed,
     InvalidRequest,
+    LimitsUnavailable,
     ModelNotFound,
     NoEngineAvailable,
     NotFound,
@@ -22,6 +23,7 @@ from serving.errors import (
     QueueFull,
     RequestTimeout,
     ServerBusy,
+    StoreUnavailable,
     Unauthorized,
 )
 from serving.limits import RateLimited
@@ -69,7 +71,8 @@ def api_error(exc: Exception, subject: str | None = None) -> ApiError:
 
 ErrorDocs = tuple[tuple[tuple[type[ApiError], ...], str], ...]
 
-# In status order; QueueFull and RateLimited share 429, NoEngineAvailable and ServerBusy 503.
+# In status order; QueueFull and RateLimited share 429; NoEngineAvailable, ServerBusy and
+# LimitsUnavailable and StoreUnavailable 503.
 GENERATION_ERRORS: ErrorDocs = (
     ((InvalidRequest,), "Bad parameters, malformed JSON or empty messages"),
     ((Unauthorized,), "Missing or unknown API key"),
@@ -79,9 +82,11 @@ GENERATION_ERRORS: ErrorDocs = (
     ((QueueFull, RateLimited), "A queue or the tenant's rate limit is full (see Retry-After)"),
     ((EngineFailed,), "The engine broke after accepting the request"),
     (
-        (NoEngineAvailable, ServerBusy),
-        "No engine can serve the request, or too many request bodies are arriving at once "
-        "(`server_busy`); see Retry-After",
+        (NoEngineAvailable, ServerBusy, LimitsUnavailable, StoreUnavailable),
+        "No engine can serve the request, too many request bodies are arriving at once "
+        "(`server_busy`), the shared limits' Redis is unreachable with "
+        "`limits.redis.on_unreachable: fail_closed` (`limits_unavailable`), or the key "
+        "database is (`store_unavailable`); see Retry-After",
     ),
     ((RequestTimeout,), "Generation did not finish within the request timeout"),
 )

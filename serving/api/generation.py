@@ -25,7 +25,7 @@ from serving.api.responses import SSE_DONE, ChoiceOutput, ResponseFormatter, sse
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.engines.base import AdapterRef, GenerationRequest, TextDelta
 from serving.errors import ApiError, EngineFailed, InvalidRequest, RequestTimeout
-from serving.limits import TenantSlot
+from serving.limits import Slot
 from serving.metrics import GatewayMetrics, RequestTimer
 from serving.router import RoutedStream, Router
 from tuneserve.adapters.registry import AdapterRecord
@@ -134,7 +134,7 @@ class GenerationService:
         # Auth inside the gate: a client without a key counts against the bound on
         # bodies in flight too, and its refusal closes the connection its body is on.
         async with self.bodies.reading():
-            principal = self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
+            principal = await self.tenancy.authenticator.authenticate(http.headers.get("authorization"))
             timer.tenant = principal.tenant or ADMIN_LABEL
             raw = await read_body(http, self.max_body_bytes)
         watch.arm()
@@ -143,7 +143,7 @@ class GenerationService:
         timer.model = self.served_model
         if record is not None:
             timer.tenant, timer.adapter = record.tenant, record.name
-        slot = self.tenancy.limiter.admit(timer.tenant)
+        slot = await self.tenancy.limiter.admit(timer.tenant)
         try:
             await self._generate(body, record, route, timer, slot, send, watch)
         finally:
@@ -158,7 +158,7 @@ class GenerationService:
         record: AdapterRecord | None,
         route: GenerationRoute,
         timer: RequestTimer,
-        slot: TenantSlot,
+        slot: Slot,
         send: Send,
         watch: HangUpWatch,
     ) -> None:
@@ -204,7 +204,7 @@ class GenerationService:
         formatter: ResponseFormatter,
         choices: list[ChoiceOutput],
         timer: RequestTimer,
-        slot: TenantSlot,
+        slot: Slot,
         deadline: float,
         send: Send,
         headers: list[tuple[bytes, bytes]],
@@ -243,7 +243,7 @@ class GenerationService:
         formatter: ResponseFormatter,
         choices: list[ChoiceOutput],
         timer: RequestTimer,
-        slot: TenantSlot,
+        slot: Slot,
         include_usage: bool,
         deadline: float,
         send: Send,

@@ -40,7 +40,7 @@ def models_routes(tenancy: Tenancy) -> APIRouter:
     @routes.get("/v1/models", responses=error_response_doc(Unauthorized, "Missing or unknown API key"))
     async def list_models(request: Request) -> ModelList:
         """The base model and the caller's adapters (`parent` = base)."""
-        principal = tenancy.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
         data = [
             ModelCard(
                 id=base,

@@ -19,6 +19,7 @@ import aiohttp
 
 from serving.engines.base import (
     AdapterObserver,
+    AdapterRef,
     Engine,
     EngineStatus,
     GenerationEvent,
@@ -193,7 +194,7 @@ class VLLMEngine(Engine):
         # here (renders_here) so both engines see the same prompt.
         self.template = template
         self.url = url
-        self.adapters = VLLMAdapterManager(self._live_session, config.max_cpu_loras, observer or NullAdapterObserver())
+        self.adapters = VLLMAdapterManager(self._live_session, config.max_cpu_loras, observer or NullAdapterObserver(), config.adapter_loading)
         self.model = model
         self.launcher = launcher
         self.breaker = CircuitBreaker(config.breaker.failure_threshold, config.breaker.reset_timeout_s)
@@ -232,6 +233,13 @@ class VLLMEngine(Engine):
 
     async def unload_adapter(self, engine_name: str) -> None:
         await self.adapters.unload(engine_name)
+
+    async def fetch_metrics(self) -> str:
+        """vLLM's /metrics text (its scheduler's load, for replica routing)."""
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 1)
+        async with self._live_session().get("/metrics", timeout=timeout) as response:
+            response.raise_for_status()
+            return await response.text()
 
     async def stop(self) -> None:
         if self._probe_task:
@@ -305,7 +313,16 @@ class VLLMEngine(Engine):
                     started = True
                     self.breaker.record_success()
                 yield event
-        except (EngineUnavailable, EngineFailed):
+        except EngineUnavailable as exc:
+            if exc.reason == "adapter_load_miss" and adapter is not None:
+                # vLLM answered, it just does not hold the adapter (another gateway
+                # unloaded it, or a restart between probes): not the replica's failure.
+                self.breaker.record_success()
+                self.adapters.forget(adapter.engine_name)  # the next request loads it again
+            else:
+                self.breaker.record_failure()
+            raise
+        except EngineFailed:
             self.breaker.record_failure()
             raise
         except InvalidRequest:
@@ -338,7 +355,7 @@ class VLLMEngine(Engine):
             self.mark_down(f"{type(exc).__name__} on {path}")
             raise EngineUnavailable("connect_error", type(exc).__name__) from exc
         try:
-            await self._check_status(response)
+            await self._check_status(response, request.adapter)
             events = sse_events(response.content, wire, k) if stream else self._whole(response, wire, k)
             async for event in events:
                 yield event
@@ -347,10 +364,16 @@ class VLLMEngine(Engine):
             response.release()
 
     @staticmethod
-    async def _check_status(response: aiohttp.ClientResponse) -> None:
+    async def _check_status(response: aiohttp.ClientResponse, adapter: AdapterRef | None) -> None:
         if response.status >= 500:
             body = await response.read()
             raise EngineUnavailable("upstream_5xx", f"{response.status}: {body[:200]!r}")
+        if response.status == 404 and adapter is not None:
+            # vLLM does not know the adapter's name: a registered adapter this replica has
+            # not loaded (or has dropped), not the client's error. Another replica, or
+            # llama.cpp, can serve it.
+            message, _ = _error_message(await response.read())
+            raise EngineUnavailable("adapter_load_miss", f"{adapter.engine_name}: {message[:200]}")
         if response.status >= 400:
             message, param = _error_message(await response.read())
             # vLLM validated the request and refused it: the client must fix it.

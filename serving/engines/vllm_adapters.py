@@ -5,6 +5,11 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING). The registry of names there grows without bou
 the gateway keeps at most `capacity` (vLLM's --max-cpu-loras) registered and unloads
 the least recently used idle one to make room. Adapters with requests in flight are
 never unloaded.
+
+That LRU is this gateway's alone: with several gateways on one vLLM, one unloads what
+another serves. `adapter_loading: resolver` is for that case: vLLM resolves a versioned
+name itself on its first request (vllm_plugin/lora_resolver.py, from the shared adapter
+volume) and its own LRU evicts, so the gateway neither loads nor unloads anything here.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Literal
 
 import aiohttp
 
@@ -23,6 +28,7 @@ from serving.errors import EngineUnavailable
 log = logging.getLogger(__name__)
 
 BACKEND = "vllm"
+AdapterLoading = Literal["gateway", "resolver"]
 
 
 class VLLMAdapterManager:
@@ -31,26 +37,43 @@ class VLLMAdapterManager:
         session: Callable[[], aiohttp.ClientSession],
         capacity: int,
         observer: AdapterObserver,
+        loading: AdapterLoading = "gateway",
     ) -> None:
         self._session = session
         self.capacity = capacity
         self.observer = observer
-        self._in_use: OrderedDict[str, int] = OrderedDict()  # loaded name -> requests in flight
+        self.loading = loading
+        # gateway: loaded name -> requests in flight. resolver: names with requests in
+        # flight only (what vLLM holds besides is vLLM's to know).
+        self._in_use: OrderedDict[str, int] = OrderedDict()
         self._loading: dict[str, asyncio.Future[None]] = {}
 
+    @property
+    def resolving(self) -> bool:
+        return self.loading == "resolver"
+
     def loaded(self) -> int:
+        """Adapters known to be loaded in vLLM: with the resolver, those this gateway has
+        requests in flight for (a lower bound; vLLM's vllm:lora_requests_info says more)."""
         return len(self._in_use)
 
     def names(self) -> frozenset[str]:
-        return frozenset(self._in_use)
+        """What this gateway may unload: with the resolver, nothing (another gateway may
+        be serving any of them), so the reconciler leaves vLLM alone."""
+        return frozenset() if self.resolving else frozenset(self._in_use)
 
     def reset(self) -> None:
         """vLLM restarted: nothing is registered there any more."""
-        self._in_use.clear()
+        if not self.resolving:  # resolver: only requests in flight are counted, still in flight
+            self._in_use.clear()
 
     async def acquire(self, adapter: AdapterRef) -> None:
         """Make sure `adapter` is registered and mark one request as using it."""
         name = adapter.engine_name
+        if self.resolving:
+            # vLLM resolves the name on this request; nothing to load, nothing to evict.
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+            return
         while name not in self._in_use:
             pending = self._loading.get(name)
             if pending is not None:
@@ -74,8 +97,20 @@ class VLLMAdapterManager:
         self._in_use.move_to_end(name)
 
     def release(self, adapter: AdapterRef) -> None:
-        if adapter.engine_name in self._in_use:
-            self._in_use[adapter.engine_name] -= 1
+        name = adapter.engine_name
+        if name in self._in_use:
+            # Clamped: a request that acquired before a forget() may release after the
+            # name was loaded again; a negative count would never look idle.
+            self._in_use[name] = max(0, self._in_use[name] - 1)
+            if self.resolving and self._in_use[name] == 0:
+                del self._in_use[name]
+
+    def forget(self, name: str) -> None:
+        """vLLM answered 404 for `name`: it is not registered there (another gateway
+        unloaded it, or vLLM restarted between probes), so the next request loads it
+        again. Requests in flight for it release harmlessly."""
+        if not self.resolving:
+            self._in_use.pop(name, None)
 
     async def _load(self, adapter: AdapterRef) -> None:
         start = time.perf_counter()
@@ -100,6 +135,10 @@ class VLLMAdapterManager:
             self.observer.adapter_evicted(BACKEND)
 
     async def unload(self, name: str) -> None:
+        if self.resolving:
+            # Never: the name is unique per version, so nothing can be served stale, and
+            # vLLM's LRU frees its memory; an unload could hit another gateway's request.
+            return
         if self._in_use.pop(name, None) is None:
             return
         try:

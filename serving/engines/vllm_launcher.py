@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneserve.config import VLLMConfig, VLLMLaunchConfig
+from tuneserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# vllm_plugin/lora_resolver.py's names (the gateway must not import the plugin, which
+# runs inside vLLM's processes; tests/test_lora_resolver.py checks they agree).
+ADAPTERS_DIR_ENV = "TUNESERVE_ADAPTERS_DIR"
+BASE_ENV = "TUNESERVE_ADAPTERS_BASE"
+PLUGIN_NAME = "tuneserve_lora_resolver"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -86,7 +93,10 @@ def vllm_command(vllm: VLLMConfig, model_path: Path, served_name: str, max_model
     ]
 
 
-def vllm_env(config: VLLMLaunchConfig) -> dict[str, str]:
+def vllm_env(config: VLLMLaunchConfig, adapters_dir: Path | None = None, base: str | None = None) -> dict[str, str]:
+    """The launched vLLM's environment; `adapters_dir` (the shared adapter volume) turns
+    on tuneserve's LoRA resolver there, `base` (model.name) makes it refuse adapters
+    validated against another base."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
     env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
@@ -94,6 +104,22 @@ def vllm_env(config: VLLMLaunchConfig) -> dict[str, str]:
     # Stats stay on: without them vLLM exports none of its vllm:* Prometheus metrics
     # (--disable-log-stats turns off both); a long interval keeps its log quiet.
     env.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
+    if adapters_dir is not None:
+        env.update(resolver_env(adapters_dir, base, env))
+    return env
+
+
+def resolver_env(adapters_dir: Path, base: str | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What a vLLM process needs to resolve adapters by name (vllm_plugin/lora_resolver.py)."""
+    current = os.environ if environ is None else environ
+    # vLLM asks its resolvers only with runtime LoRA updating on (serving.py _check_model).
+    env = {ADAPTERS_DIR_ENV: str(adapters_dir.resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    if base:
+        env[BASE_ENV] = base
+    plugins = current.get("VLLM_PLUGINS")
+    if plugins is not None and PLUGIN_NAME not in plugins.split(","):
+        # An allow-list of plugins would leave the resolver out and every adapter a 404.
+        env["VLLM_PLUGINS"] = ",".join(p for p in [*plugins.split(","), PLUGIN_NAME] if p)
     return env
 
 
@@ -105,9 +131,23 @@ class VLLMLauncher:
         served_name: str,
         max_model_len: int,
         log_file: Path,
+        adapters_dir: Path | None = None,
+        base: str | None = None,
     ) -> None:
         self.config = vllm.launch
         self.command = vllm_command(vllm, model_path, served_name, max_model_len)
+        # Resolver mode: the launched vLLM resolves versioned names from the adapter
+        # volume (<data_dir>/adapters) itself, since the gateway loads nothing there.
+        self.adapters_dir: Path | None = None
+        self.base = base
+        if vllm.adapter_loading == "resolver" and vllm.enable_lora:
+            configured = adapters_dir or (Path(os.environ[ADAPTERS_DIR_ENV]) if os.environ.get(ADAPTERS_DIR_ENV) else None)
+            if configured is None:
+                raise ConfigError(
+                    "engines.vllm.adapter_loading resolver with engines.vllm.launch needs the adapter "
+                    f"volume for vLLM's resolver: set {ADAPTERS_DIR_ENV}"
+                )
+            self.adapters_dir = configured
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -139,7 +179,7 @@ class VLLMLauncher:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=vllm_env(self.config),
+                env=vllm_env(self.config, self.adapters_dir, self.base),
                 preexec_fn=_own_group_dying_with_parent,
             )
 

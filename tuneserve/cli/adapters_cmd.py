@@ -18,7 +18,7 @@ from tuneserve.audit import AuditLog, audit_path
 from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
 from tuneserve.config import Settings
-from tuneserve.store import Store, db_path
+from tuneserve.db import open_store
 from tuneserve.tenants.store import TenantStore
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def run_add(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             owner_exists = None
             if settings.auth.enabled:
-                tenants = TenantStore(stack.enter_context(Store(db_path(settings.data_dir))))
+                tenants = TenantStore(stack.enter_context(open_store(settings)))
                 owner_exists = lambda: tenants.get(args.tenant)  # noqa: E731 - one use, under the lock
             record = _registry(settings).add_version(args.tenant, args.name, args.path, owner_exists).record
         details["version"] = record.version

@@ -30,12 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @contextlib.contextmanager
 def open_jobs(args: argparse.Namespace) -> Iterator[JobStore]:
-    """The job table, after marking jobs whose process died as failed."""
+    """The job table, after marking jobs whose owner died (or lost its lease) as failed."""
+    from tuneserve.db import open_store
     from tuneserve.jobs.store import JobStore
-    from tuneserve.store import Store, db_path
 
     settings = settings_from_args(args)
-    with Store(db_path(settings.data_dir)) as store:
+    with open_store(settings) as store:
         jobs = JobStore(store)
         jobs.recover()
         yield jobs

@@ -10,6 +10,7 @@ from typing import Sequence
 from tuneserve import __version__
 from tuneserve.cli import (
     adapters_cmd,
+    db_cmd,
     eval_cmd,
     export_cmd,
     jobs_cmd,
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cmd.register(sub)
     train_cmd.register(sub)
     eval_cmd.register(sub)
+    db_cmd.register(sub)
     return parser
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Iterator
 from tuneserve.audit import AuditLog, audit_path
 from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
+from tuneserve.db import open_store
 from tuneserve.names import NAME_RULES
-from tuneserve.store import Store, db_path
 from tuneserve.tenants.store import IssuedKey, TenantStore
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def _open(args: argparse.Namespace) -> Iterator[tuple[TenantStore, AuditLog]]:
     settings = settings_from_args(args)
-    with Store(db_path(settings.data_dir)) as store:
+    with open_store(settings) as store:
         yield TenantStore(store), AuditLog(audit_path(settings.data_dir))
 
 

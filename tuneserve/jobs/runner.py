@@ -1,5 +1,6 @@
-"""The runner that executes one job in the calling process: heartbeat, progress, log,
-cancel by SIGTERM, and the record's final state whatever happens (see store.py)."""
+"""The runner that executes one job in the calling process: heartbeat (which renews the
+job's lease), progress, log, cancel by SIGTERM, and the record's final state whatever
+happens (see store.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneserve.errors import TuneserveError
-from tuneserve.jobs.store import HEARTBEAT_S, JobCancelled, JobError, JobRecord, JobStatus, JobStore, utc_now
-from tuneserve.processes import process_start_time
+from tuneserve.jobs.store import HEARTBEAT_S, JobCancelled, JobError, JobRecord, JobStatus, JobStore, Lease, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class _JobLogHandler(logging.Handler):
 
 def submit(jobs: JobStore, kind: str, spec: dict[str, Any]) -> str:
     """Create a queued job owned by this process (recover() fails it if we die first)."""
-    pid = os.getpid()
-    return jobs.create(kind, {**spec, "_creator_pid": pid, "_creator_start": process_start_time(pid)})
+    return jobs.create(kind, spec)
 
 
 def run_job(
@@ -96,9 +95,23 @@ def run_job(
     def heartbeat() -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                jobs.update(job_id, heartbeat_at=utc_now())
-            except Exception:  # the store is busy: the next beat will do
+                lease = jobs.renew(job_id)
+            except Exception:  # the store is busy: the next beat will do (the lease is long)
                 log.debug("heartbeat failed", exc_info=True)
+                continue
+            if lease is Lease.lost:
+                log.warning("job %s: lease lost (failed by another instance); stopping it", job_id)
+            if lease is not Lease.held:
+                # A cancel from another machine (whose SIGTERM cannot reach us), or a
+                # lost lease: stop the work as a local cancel does. Only while the
+                # handler is installed and armed (the lock keeps `finally` from
+                # restoring the previous handler in between): a SIGTERM outside that
+                # would end the process. Once: a local cancel has signalled already.
+                with signals.lock:
+                    if in_main and signals.armed and not signals.received and not stop.is_set():
+                        os.kill(os.getpid(), signal.SIGTERM)
+            if lease is Lease.lost:
+                return
 
     # Python runs signal handlers in the main thread, but the kernel hands a
     # process-directed SIGTERM to any thread that does not block it, so a signal mask
@@ -148,10 +161,11 @@ def run_job(
         _record_failure(jobs, job_id, exc, signalled=bool(signals.received))
         raise
     finally:
+        with signals.lock:
+            stop.set()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
         root.removeHandler(handler)
-        stop.set()
         ctx.close()
     return jobs.get(job_id)
 
@@ -160,6 +174,7 @@ class _SignalState:
     def __init__(self) -> None:
         self.armed = False
         self.received: list[int] = []
+        self.lock = threading.Lock()  # the heartbeat's self-signal against the handler's restore
 
 
 def _record_failure(jobs: JobStore, job_id: str, exc: BaseException, signalled: bool) -> None:

@@ -1,14 +1,19 @@
-"""Jobs (merges, exports, ...): their records in the SQLite store.
+"""Jobs (merges, exports, ...): their records in the store (SQLite or PostgreSQL).
 
-A job runs in the process of the CLI command that started it. The row records that
-process (pid and its start time, so a recycled pid is not mistaken for it) and a
-heartbeat. Any later job command first calls `JobStore.recover()`, which marks
-"running" jobs whose process is gone as failed and deletes their staging dir: a crash,
-SIGKILL or reboot never leaves a job "running" or a half-written output behind.
+A job runs in the process of the CLI command that started it, on any machine sharing
+the database. Starting it claims the queued row (`mark_running`: on PostgreSQL the row
+is locked with SKIP LOCKED, on SQLite the write lock serialises claims), so two
+runners never both run one job. The row records its owner (lease.py: host, pid and
+its start time, a nonce) and a lease the heartbeat renews. Any later job command
+first calls `JobStore.recover()`, which fails the queued and running jobs whose owner
+is gone (on this host: its process is dead; elsewhere: its lease expired) and deletes
+their staging dir: a crash, SIGKILL, reboot or lost machine never leaves a job
+"running" or a half-written output behind. `tuneserve jobs rerun` runs one again.
 
-Cancel: `tuneserve jobs cancel` flags the row and sends SIGTERM to the job's process;
-the runner turns that signal into `JobCancelled` in the main thread, so the staged
-output is discarded by the same `finally` blocks as any failure.
+Cancel: `tuneserve jobs cancel` flags the row; on the owner's host it also sends
+SIGTERM to the job's process at once, elsewhere the owner's heartbeat sees the flag
+and signals itself. The runner turns that signal into `JobCancelled` in the main
+thread, so the staged output is discarded by the same `finally` blocks as any failure.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
@@ -26,9 +32,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tuneserve.db import Store
 from tuneserve.errors import TuneserveError
+from tuneserve.jobs.lease import Owner, lease_until, new_owner, parse_owner
 from tuneserve.processes import process_alive, process_start_time
-from tuneserve.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,15 @@ class JobStatus(str, Enum):
 
 
 TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+_NOT_TERMINAL = "status IN ('queued', 'running')"
+
+
+class Lease(str, Enum):
+    """What a heartbeat found (JobStore.renew)."""
+
+    held = "held"
+    cancel = "cancel"  # held, and a cancel was requested
+    lost = "lost"  # the job is no longer ours: another instance failed it
 
 
 class JobNotFound(TuneserveError):
@@ -88,14 +104,19 @@ def utc_now() -> str:
 class JobStore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Who this store's jobs belong to: the jobs it creates and the ones it claims.
+        self.owner: Owner = new_owner()
 
     # ------------------------------------------------------------ records
 
     def create(self, kind: str, spec: dict[str, Any]) -> str:
+        """A queued job owned by this store's owner until it runs (recover() fails it
+        if the owner dies first)."""
         job_id = uuid.uuid4().hex[:12]
         self.store.execute(
-            "INSERT INTO jobs (id, kind, status, spec, created_at) VALUES (?, ?, 'queued', ?, ?)",
-            (job_id, kind, json.dumps(spec), utc_now()),
+            "INSERT INTO jobs (id, kind, status, spec, created_at, owner, lease_expires_at) "
+            "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+            (job_id, kind, json.dumps(spec), utc_now(), str(self.owner), lease_until()),
         )
         return job_id
 
@@ -110,34 +131,29 @@ class JobStore:
         return [_record(r) for r in rows]
 
     def recover(self) -> "builtins.list[str]":
-        """Mark running jobs whose process is gone as failed; return their ids."""
+        """Fail queued and running jobs whose owner is gone; return their ids."""
         failed = []
-        for row in self.store.query(
-            "SELECT id, pid, pid_start, staging FROM jobs WHERE status = 'running'"
-        ):
-            if process_alive(row["pid"], row["pid_start"]):
+        now = time.time()
+        rows = self.store.query(
+            "SELECT id, status, owner, lease_expires_at, pid, pid_start, staging, spec "
+            f"FROM jobs WHERE {_NOT_TERMINAL}"
+        )
+        for row in rows:
+            why = _why_gone(row, now)
+            if why is None:
                 continue
+            # Only if nothing changed meanwhile (the owner renewed, or finished, or
+            # another instance got here first): the owner and lease in the row are
+            # still the ones judged gone.
             changed = self.store.execute(
-                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "
-                "WHERE id = ? AND status = 'running' AND pid IS ?",
-                (
-                    utc_now(),
-                    f"the job's process (pid {row['pid']}) died while it ran (killed or "
-                    f"crashed); nothing was published. Re-run it: tuneserve jobs rerun {row['id']}",
-                    row["id"],
-                    row["pid"],
-                ),
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, staging = NULL "
+                "WHERE id = ? AND status = ? AND COALESCE(owner, '') = ? "
+                "AND COALESCE(lease_expires_at, 0) = ?",
+                (utc_now(), why, row["id"], row["status"], row["owner"] or "", row["lease_expires_at"] or 0),
             )
             if changed:
                 if row["staging"]:
                     shutil.rmtree(row["staging"], ignore_errors=True)
-                failed.append(row["id"])
-        # Queued jobs whose creator died before starting them can never run.
-        for row in self.store.query("SELECT id, spec FROM jobs WHERE status = 'queued'"):
-            pid = json.loads(row["spec"]).get("_creator_pid")
-            start = json.loads(row["spec"]).get("_creator_start")
-            if pid is not None and not process_alive(pid, start):
-                self.mark_finished(row["id"], JobStatus.failed, "its process exited before it started")
                 failed.append(row["id"])
         return failed
 
@@ -153,30 +169,55 @@ class JobStore:
             )
             return self.get(job_id)
         self.store.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        row = self.store.query("SELECT pid, pid_start FROM jobs WHERE id = ?", (job_id,))[0]
-        if process_alive(row["pid"], row["pid_start"]):
+        row = self.store.query("SELECT owner, pid, pid_start FROM jobs WHERE id = ?", (job_id,))[0]
+        owner = parse_owner(row["owner"])
+        # Elsewhere, the owner's next heartbeat sees the flag and signals itself.
+        if (owner is None or owner.is_local()) and process_alive(row["pid"], row["pid_start"]):
             os.kill(row["pid"], signal.SIGTERM)
         return self.get(job_id)
 
     # ------------------------------------------------------------ runner side
 
     def mark_running(self, job_id: str) -> None:
-        """Claim a queued job for this process."""
+        """Claim a queued job for this store's owner; JobError if it is not there to claim."""
         pid = os.getpid()
-        changed = self.store.execute(
-            "UPDATE jobs SET status = 'running', pid = ?, pid_start = ?, started_at = ?, "
-            "heartbeat_at = ? WHERE id = ? AND status = 'queued'",
-            (pid, process_start_time(pid), utc_now(), utc_now(), job_id),
-        )
+        with self.store.transaction() as tx:
+            # SKIP LOCKED: a runner claiming it at this moment holds the row, and this
+            # one gives up at once instead of waiting to find it running.
+            claimable = tx.query(
+                f"SELECT id FROM jobs WHERE id = ? AND status = 'queued'{self.store.skip_locked}",
+                (job_id,),
+            )
+            changed = bool(claimable) and tx.execute(
+                "UPDATE jobs SET status = 'running', pid = ?, pid_start = ?, started_at = ?, "
+                "heartbeat_at = ?, owner = ?, lease_expires_at = ? WHERE id = ? AND status = 'queued'",
+                (pid, process_start_time(pid), utc_now(), utc_now(), str(self.owner), lease_until(), job_id),
+            ) > 0
         if not changed:
-            raise JobError(f"job {job_id} is {self.get(job_id).status.value}, not queued")
+            status = self.get(job_id).status
+            if status is JobStatus.queued:
+                raise JobError(f"job {job_id} is being claimed by another runner")
+            raise JobError(f"job {job_id} is {status.value}, not queued")
+
+    def renew(self, job_id: str) -> Lease:
+        """The heartbeat: extend this owner's lease on a running job."""
+        rows = self.store.query(
+            "UPDATE jobs SET heartbeat_at = ?, lease_expires_at = ? "
+            "WHERE id = ? AND owner = ? AND status = 'running' RETURNING cancel_requested",
+            (utc_now(), lease_until(), job_id, str(self.owner)),
+        )
+        if not rows:
+            return Lease.lost
+        return Lease.cancel if rows[0]["cancel_requested"] else Lease.held
 
     def mark_finished(self, job_id: str, status: JobStatus, error: str | None = None, outputs: "builtins.list[str] | None" = None) -> None:
+        # A finished job stays as it ended: a runner that lost its lease (failed by
+        # recover() elsewhere) cannot turn the record back into a success.
         self.store.execute(
             "UPDATE jobs SET status = ?, error = ?, outputs = COALESCE(?, outputs), "
             "finished_at = ?, progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END, "
             "stage = CASE WHEN ? = 'succeeded' THEN 'done' ELSE stage END, "
-            "staging = NULL WHERE id = ?",
+            f"staging = NULL WHERE id = ? AND {_NOT_TERMINAL}",
             (status.value, error, json.dumps(outputs) if outputs is not None else None, utc_now(), status.value, status.value, job_id),
         )
 
@@ -187,13 +228,17 @@ class JobStore:
         self.store.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
 
     def append_log(self, job_id: str, text: str) -> None:
-        # substr keeps the newest MAX_LOG_CHARS: a chatty job cannot grow the row forever.
+        # Keeps the newest MAX_LOG_CHARS: a chatty job cannot grow the row forever.
+        # (substr with a positive start: SQLite and PostgreSQL read a negative one apart.)
         self.store.execute(
-            "UPDATE jobs SET log = substr(log || ?, -?) WHERE id = ?", (text, MAX_LOG_CHARS, job_id)
+            "UPDATE jobs SET log = CASE WHEN length(log) + length(?) > ? "
+            "THEN substr(log || ?, length(log) + length(?) - ? + 1) ELSE log || ? END WHERE id = ?",
+            (text, MAX_LOG_CHARS, text, text, MAX_LOG_CHARS, text, job_id),
         )
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.store.query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))[0][0])
+        rows = self.store.query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        return bool(rows[0]["cancel_requested"])
 
 
 def _record(row: Any) -> JobRecord:
@@ -202,3 +247,32 @@ def _record(row: Any) -> JobRecord:
         data[key] = json.loads(data[key])
     data["spec"] = {k: v for k, v in data["spec"].items() if not k.startswith("_")}
     return JobRecord(**{k: v for k, v in data.items() if k in JobRecord.model_fields})
+
+
+def _why_gone(row: Any, now: float) -> str | None:
+    """Why the job's owner counts as gone (the job's error), or None while it lives."""
+    owner = parse_owner(row["owner"])
+    if owner is None:  # recorded before owners were: a local pid, as it always was
+        if row["status"] == JobStatus.running.value:
+            alive = process_alive(row["pid"], row["pid_start"])
+        else:
+            spec = json.loads(row["spec"])
+            alive = spec.get("_creator_pid") is None or process_alive(spec["_creator_pid"], spec.get("_creator_start"))
+    elif owner.is_local():  # the fast path: the kernel knows at once
+        alive = owner.alive_here()
+    else:
+        alive = (row["lease_expires_at"] or 0) >= now
+    if alive:
+        return None
+    if row["status"] == JobStatus.queued.value:
+        return "its process exited before it started"
+    if owner is not None and not owner.is_local():
+        return (
+            f"the job's owner ({owner.host}, pid {owner.pid}) stopped renewing its lease (its "
+            "machine or process died); nothing was published. "
+            f"Re-run it: tuneserve jobs rerun {row['id']}"
+        )
+    return (
+        f"the job's process (pid {row['pid']}) died while it ran (killed or "
+        f"crashed); nothing was published. Re-run it: tuneserve jobs rerun {row['id']}"
+    )

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from tuneserve.db import Store
 from tuneserve.errors import TuneserveError
 from tuneserve.names import NAME_RULES, is_valid_name, reserved_name_error
-from tuneserve.store import Store
 
 KEY_PREFIX = "ts-"
 _KEY_ID_BYTES = 9  # 12 characters: at 72 bits, ids do not collide in practice
@@ -86,11 +86,17 @@ def _now() -> str:
 
 
 class TenantStore:
-    """Tenants in the embedded database. Every call reads or writes the database
-    directly (no cache), so changes made by another process apply at once."""
+    """Tenants in the database (SQLite or PostgreSQL). Every call reads or writes the
+    database directly (no cache), so changes made by another process, or another
+    gateway on the same PostgreSQL, apply at once."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    async def aclose(self) -> None:
+        """Release the async pool of this event loop (the gateway's shutdown). The sync
+        connections stay: CLI-style callers may go on using the store."""
+        await self._store.aclose()
 
     def create(self, name: str) -> IssuedKey:
         validate_name(name)
@@ -128,27 +134,30 @@ class TenantStore:
     def rotate(self, name: str) -> IssuedKey:
         """Issue a new key; the old one stops working with this commit."""
         key_id, key = _new_key()
-        with self._store.transaction() as conn:
-            changed = conn.execute(
+        with self._store.transaction() as tx:
+            changed = tx.execute(
                 "UPDATE tenants SET key_id = ?, key_hash = ?, key_rotated_at = ? WHERE name = ?",
                 (key_id, hash_key(key), _now(), name),
-            ).rowcount
+            )
             if not changed:
                 raise TenantNotFound(f"no tenant named '{name}'")
-            row = conn.execute(
+            [row] = tx.query(
                 "SELECT name, key_id, created_at, key_rotated_at FROM tenants WHERE name = ?",
                 (name,),
-            ).fetchone()
+            )
         return IssuedKey(tenant=Tenant(**dict(row)), api_key=SecretStr(key))
 
-    def verify(self, key: str) -> str | None:
-        """The tenant that owns `key`, or None for a malformed, unknown or old key."""
+    async def verify(self, key: str) -> str | None:
+        """The tenant that owns `key`, or None for a malformed, unknown or old key.
+
+        Async: the gateway calls it on every request, and on PostgreSQL the lookup is
+        a network round trip that must not block the event loop."""
         match = _KEY_RE.fullmatch(key)
         if match is None:
             return None
-        rows = self._store.query(
+        rows = await self._store.aquery(
             "SELECT name, key_hash FROM tenants WHERE key_id = ?", (match.group(1),)
         )
-        if rows and hmac.compare_digest(rows[0]["key_hash"], hash_key(key)):
+        if rows and hmac.compare_digest(bytes(rows[0]["key_hash"]), hash_key(key)):
             return rows[0]["name"]
         return None
