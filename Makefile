@@ -64,6 +64,7 @@ bench: prepare
 	$(BIN)/python benchmarks/adapters.py
 	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/scale_out.py
 	$(BIN)/python benchmarks/finetune_function_calling.py
 
 clean:

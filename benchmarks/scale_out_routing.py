@@ -191,7 +191,6 @@ async def _drive(base_url: str, model: str, requests: int, concurrency: int, max
         "messages": [{"role": "user", "content": "Write a long story about the sea."}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
     }
     counter = itertools.count()
     tokens = 0
