@@ -48,6 +48,8 @@ service-tools:
 	  echo "installing$$missing (Debian)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@# The tests' S3-compatible server (moto), in its own venv: not a product dependency.
+	@[ -x .venv-s3/bin/python ] || { $(PYTHON) -m venv .venv-s3 && .venv-s3/bin/pip install -q -r requirements/s3-test-server.txt; }
 
 # Style and types first: a minute, before the tests' quarter of an hour.
 lint: install

@@ -66,6 +66,7 @@ def build_engines(settings: Settings, observer: EngineObserver | None = None) ->
                 # Resolver mode reads versions where the registry writes them.
                 adapters_dir=settings.data_dir.resolve() / "adapters",
                 base=settings.model.name,
+                s3=settings.adapters.s3,
             )
         engines.append(
             VLLMEngine(

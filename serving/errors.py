@@ -155,6 +155,15 @@ class StoreUnavailable(RetryLater):
     default_retry_after_s = 2
 
 
+class AdapterStorageUnavailable(RetryLater):
+    """adapters.s3 could not take an uploaded version; nothing of it was published."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "adapter_store_unavailable"
+    default_retry_after_s = 5
+
+
 class BodyTimeout(ApiError):
     """The request body did not arrive within its deadline (server.body_timeout_s)."""
 

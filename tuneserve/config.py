@@ -384,6 +384,29 @@ class LimitsConfig(_Section):
     )
 
 
+class AdaptersS3Config(_Section):
+    """Where published adapter versions are also stored, for vLLM replicas without the
+    adapter volume. Credentials come from boto3's own chain (AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY, a profile, an IAM role), never from this file."""
+
+    bucket: str | None = Field(
+        None,
+        min_length=3,
+        max_length=63,
+        description="S3 bucket every published version is uploaded to before it becomes "
+        "current (s3://BUCKET/PREFIX/<tenant>/<name>/v<N>/); unset: no object storage.",
+    )
+    prefix: str = Field(
+        "adapters", pattern=r"^[A-Za-z0-9._/-]*$", description="Key prefix of the versions in the bucket."
+    )
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="An S3-compatible server (MinIO, Ceph, ...); unset: AWS S3.",
+    )
+    region: str | None = Field(None, description="The bucket's region; unset: boto3's default.")
+
+
 class AdaptersConfig(_Section):
     max_rank: int = Field(
         64,
@@ -428,6 +451,7 @@ class AdaptersConfig(_Section):
         description="Other names of the served base model accepted in an adapter's "
         "base_model_name_or_path (besides model.name and the model's HF path).",
     )
+    s3: AdaptersS3Config = Field(default_factory=AdaptersS3Config)
 
 
 class StoreConfig(_Section):

@@ -18,10 +18,22 @@ is None, which vLLM answers with a 404. Version dirs are immutable once publishe
 one verification per name and process is enough; only the dir's presence is checked
 again (a removed adapter is never resolved again, e.g. after a restart).
 
+Without the volume (a replica on another node, no RWX volume), or for a version not on
+it, the version comes from the registry's object store (adapters.s3, see
+tuneserve/adapters/object_store.py) when TUNESERVE_ADAPTERS_S3_BUCKET is set: its files
+are downloaded into a private temp dir of the local cache (TUNESERVE_ADAPTERS_CACHE_DIR),
+checked exactly as on the volume, and renamed into place as `<cache>/<engine name>/`. Two
+vLLM processes on one cache may both download; the first rename wins and the other
+discards its copy. A cached version is re-checked against the bucket on each look-up
+(one HEAD request), so a removed adapter is not resolved again; with the bucket
+unreachable, a cached and verified copy is still used, as the volume's would be.
+
 Registered by the `tuneserve_lora_resolver` entry point of `vllm.general_plugins`; a
-no-op unless TUNESERVE_ADAPTERS_DIR is set, so other vLLM users of the environment get
-nothing. TUNESERVE_ADAPTERS_BASE (optional): the model.name adapters must have been
-validated against (the manifest's `base`), so a replica of another base refuses them.
+no-op unless TUNESERVE_ADAPTERS_DIR or TUNESERVE_ADAPTERS_S3_BUCKET is set, so other vLLM
+users of the environment get nothing. TUNESERVE_ADAPTERS_BASE (optional): the model.name
+adapters must have been validated against (the manifest's `base`), so a replica of
+another base refuses them. TUNESERVE_ADAPTERS_S3_PREFIX, _ENDPOINT_URL and _REGION are
+adapters.s3's other keys; credentials come from boto3's chain (AWS_ACCESS_KEY_ID, ...).
 """
 
 from __future__ import annotations
@@ -32,9 +44,12 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from tuneserve.names import is_valid_name
 
@@ -42,11 +57,19 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
+    from tuneserve.adapters.object_store import AdapterObjectStore
+
 # A child of "vllm", so the lines land in vLLM's own log format and level.
 log = logging.getLogger("vllm.plugins.tuneserve_lora_resolver")
 
 ADAPTERS_DIR_ENV = "TUNESERVE_ADAPTERS_DIR"
 BASE_ENV = "TUNESERVE_ADAPTERS_BASE"
+S3_BUCKET_ENV = "TUNESERVE_ADAPTERS_S3_BUCKET"
+S3_PREFIX_ENV = "TUNESERVE_ADAPTERS_S3_PREFIX"
+S3_ENDPOINT_URL_ENV = "TUNESERVE_ADAPTERS_S3_ENDPOINT_URL"
+S3_REGION_ENV = "TUNESERVE_ADAPTERS_S3_REGION"
+CACHE_DIR_ENV = "TUNESERVE_ADAPTERS_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "tuneserve-adapter-cache"
 RESOLVER_NAME = "tuneserve"
 PLUGIN_NAME = "tuneserve_lora_resolver"  # the entry point's name, for VLLM_PLUGINS
 
@@ -60,6 +83,7 @@ CONFIG_FILE = "adapter_config.json"
 _VERSION = re.compile(r"v([1-9][0-9]{0,8})")
 _UID = re.compile(r"[0-9a-f]{12}")
 _HASH_CHUNK = 1 << 20
+_DOWNLOAD_PREFIX = ".download-"
 
 
 @dataclass(frozen=True)
@@ -145,47 +169,154 @@ class AdapterVolume:
         return real
 
     def _verify(self, engine_name: str, parsed: EngineName, version_dir: Path) -> bool:
+        return verify_version_dir(engine_name, parsed, version_dir, self.base)
+
+
+def verify_version_dir(engine_name: str, parsed: EngineName, version_dir: Path, base: str | None) -> bool:
+    """Whether `version_dir` holds the version `engine_name` names: its manifest's
+    owner, version and uid, its base (if `base`), and its weights' sha256."""
+    try:
+        manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+        expected_sha = manifest["sha256"]
+        if not (version_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(CONFIG_FILE)
+        actual_sha = _sha256(version_dir / WEIGHTS_FILE)
+    except FileNotFoundError:  # removed while we read, or never complete
+        return False
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("refusing adapter %s: unreadable manifest or weights (%s)", engine_name, exc)
+        return False
+    identity = (manifest.get("tenant"), manifest.get("name"), manifest.get("version"), manifest.get("uid"))
+    if identity != (parsed.tenant, parsed.name, parsed.version, parsed.uid):
+        # The uid is a version's identity: a tenant deleted and created again reuses
+        # names and version numbers, never uids.
+        log.warning("refusing adapter %s: its manifest names %s", engine_name, identity)
+        return False
+    if base is not None and manifest.get("base") != base:
+        log.warning("refusing adapter %s: validated against %r, not %r", engine_name, manifest.get("base"), base)
+        return False
+    if actual_sha != expected_sha:
+        log.error("refusing adapter %s: weights' sha256 %s, manifest says %s", engine_name, actual_sha, expected_sha)
+        return False
+    return True
+
+
+class ObjectStoreCache:
+    """Versions downloaded from the object store into a local cache dir, verified.
+
+    `<root>/<engine name>/` holds a verified copy; downloads land in a private temp dir
+    beside it first, so no reader (another vLLM process on this cache) sees half of one."""
+
+    def __init__(self, store: AdapterObjectStore, root: Path, base: str | None = None) -> None:
+        self.store = store
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+        self.base = base
+        self._verified: dict[str, Path] = {}
+
+    def find(self, engine_name: str) -> Path | None:
+        """The verified cached dir of `engine_name`, downloaded first if needed; None if
+        the bucket has no such version or what it holds does not verify. Blocking."""
+        from tuneserve.adapters.object_store import ObjectStoreError
+
+        parsed = parse_engine_name(engine_name)
+        if parsed is None:
+            return None
+        final = self.root / engine_name  # a checked engine name: one path component
         try:
-            manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
-            if not isinstance(manifest, dict):
-                raise ValueError("not an object")
-            expected_sha = manifest["sha256"]
-            if not (version_dir / CONFIG_FILE).is_file():
-                raise FileNotFoundError(CONFIG_FILE)
-            actual_sha = _sha256(version_dir / WEIGHTS_FILE)
-        except FileNotFoundError:  # removed while we read, or never complete
-            return False
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("refusing adapter %s: unreadable manifest or weights (%s)", engine_name, exc)
-            return False
-        identity = (manifest.get("tenant"), manifest.get("name"), manifest.get("version"), manifest.get("uid"))
-        if identity != (parsed.tenant, parsed.name, parsed.version, parsed.uid):
-            # The uid is a version's identity: a tenant deleted and created again reuses
-            # names and version numbers, never uids.
-            log.warning("refusing adapter %s: its manifest names %s", engine_name, identity)
-            return False
-        if self.base is not None and manifest.get("base") != self.base:
-            log.warning("refusing adapter %s: validated against %r, not %r", engine_name, manifest.get("base"), self.base)
-            return False
-        if actual_sha != expected_sha:
-            log.error("refusing adapter %s: weights' sha256 %s, manifest says %s", engine_name, actual_sha, expected_sha)
-            return False
-        return True
+            stored = self.store.has_version(parsed.tenant, parsed.name, parsed.version)
+        except ObjectStoreError as exc:
+            stored = None
+            log.warning("cannot ask the object store about adapter %s: %s", engine_name, exc)
+        if stored is False:
+            self._verified.pop(engine_name, None)
+            if final.exists():
+                log.info("adapter %s was removed from the object store", engine_name)
+                self._discard(final)
+            return None
+        if engine_name in self._verified and final.is_dir():
+            return final
+        if final.is_dir():  # downloaded by another process, or before a restart
+            if verify_version_dir(engine_name, parsed, final, self.base):
+                self._verified[engine_name] = final
+                return final
+            log.warning("discarding the cached copy of %s: it no longer verifies", engine_name)
+            self._discard(final)
+        if stored is None:
+            return None
+        try:
+            return self._download(engine_name, parsed, final)
+        except ObjectStoreError as exc:
+            log.warning("cannot download adapter %s: %s", engine_name, exc)
+            return None
+
+    def _download(self, engine_name: str, parsed: EngineName, final: Path) -> Path | None:
+        from tuneserve.fsutil import OWNER_FILE, owned_temp_dir
+
+        work = owned_temp_dir(self.root, _DOWNLOAD_PREFIX)  # also clears dead processes' leftovers
+        try:
+            # The manifest first: the version's last upload, and what says whose it is.
+            for filename in (MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE):
+                if not self.store.download_file(parsed.tenant, parsed.name, parsed.version, filename, work / filename):
+                    log.warning("adapter %s: %s is missing from the object store", engine_name, filename)
+                    return None
+            if not verify_version_dir(engine_name, parsed, work, self.base):
+                return None
+            (work / OWNER_FILE).unlink(missing_ok=True)
+            try:
+                os.rename(work, final)
+            except OSError:
+                # Another process renamed its copy first (a non-empty target): use that.
+                if not (final.is_dir() and verify_version_dir(engine_name, parsed, final, self.base)):
+                    return None
+            self._verified[engine_name] = final
+            log.info("adapter %s downloaded from the object store to %s", engine_name, final)
+            return final
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _discard(self, directory: Path) -> None:
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.rename(directory, trash)  # one rename: other readers see all or nothing
+        except OSError:
+            return  # another process discarded it first
+        shutil.rmtree(trash, ignore_errors=True)
 
 
-def make_resolver(volume: AdapterVolume) -> LoRAResolver:
+class AdapterSources:
+    """The volume first (no copy needed), then the object store's cache."""
+
+    def __init__(self, volume: AdapterVolume | None, cache: ObjectStoreCache | None = None) -> None:
+        self.volume = volume
+        self.cache = cache
+
+    def find(self, engine_name: str) -> Path | None:
+        if self.volume is not None:
+            found = self.volume.find(engine_name)
+            if found is not None:
+                return found
+        return self.cache.find(engine_name) if self.cache is not None else None
+
+
+def make_resolver(volume: AdapterVolume | None, cache: ObjectStoreCache | None = None) -> LoRAResolver:
     # vLLM imported here, not at the top: register() runs in every vLLM process, and
     # the module must import without vLLM for the gateway and the tests.
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
+    sources = AdapterSources(volume, cache)
+
     class TuneserveLoRAResolver(LoRAResolver):
         def __init__(self) -> None:
-            self.volume = volume
+            self.sources = sources
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-            # Hashing ~10 MB of weights must not stall vLLM's API event loop.
-            version_dir = await asyncio.to_thread(self.volume.find, lora_name)
+            # Hashing ~10 MB of weights, or downloading them, must not stall vLLM's API
+            # event loop.
+            version_dir = await asyncio.to_thread(self.sources.find, lora_name)
             if version_dir is None:
                 return None
             return LoRARequest(
@@ -198,19 +329,43 @@ def make_resolver(volume: AdapterVolume) -> LoRAResolver:
     return TuneserveLoRAResolver()
 
 
+def object_store_cache_from_env(environ: Mapping[str, str], base: str | None) -> ObjectStoreCache | None:
+    """The object store's cache the S3 variables describe; None without a bucket."""
+    bucket = environ.get(S3_BUCKET_ENV)
+    if not bucket:
+        return None
+    from tuneserve.adapters.object_store import AdapterObjectStore, S3Location
+
+    location = S3Location(
+        bucket,
+        environ.get(S3_PREFIX_ENV, ""),
+        environ.get(S3_ENDPOINT_URL_ENV) or None,
+        environ.get(S3_REGION_ENV) or None,
+    )
+    cache_dir = Path(environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+    return ObjectStoreCache(AdapterObjectStore(location), cache_dir, base)
+
+
 def register() -> None:
     """vLLM's `vllm.general_plugins` hook; runs in every vLLM process, maybe twice."""
     root = os.environ.get(ADAPTERS_DIR_ENV)
-    if not root:
+    if not root and not os.environ.get(S3_BUCKET_ENV):
         return
     from vllm.lora.resolver import LoRAResolverRegistry
 
     if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
         return
-    path = Path(root)
-    if not path.is_dir():
-        # Loud at start-up, not a 404 for every adapter later.
-        raise ValueError(f"{ADAPTERS_DIR_ENV}={root} is not a directory (the shared adapter volume)")
-    volume = AdapterVolume(path, os.environ.get(BASE_ENV) or None)
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, make_resolver(volume))
-    log.info("tuneserve: resolving adapters by engine name from %s", volume.root)
+    base = os.environ.get(BASE_ENV) or None
+    volume = None
+    if root:
+        path = Path(root)
+        if not path.is_dir():
+            # Loud at start-up, not a 404 for every adapter later.
+            raise ValueError(f"{ADAPTERS_DIR_ENV}={root} is not a directory (the shared adapter volume)")
+        volume = AdapterVolume(path, base)
+    cache = object_store_cache_from_env(os.environ, base)
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, make_resolver(volume, cache))
+    where = [str(volume.root)] if volume else []
+    if cache is not None:
+        where.append(f"{cache.store.location.url(cache.store.location.prefix)} (cached in {cache.root})")
+    log.info("tuneserve: resolving adapters by engine name from %s", " and ".join(where))

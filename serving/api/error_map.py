@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from serving.errors import (
+    AdapterStorageUnavailable,
     ApiError,
     BodyTimeout,
     EngineFailed,
@@ -27,7 +28,7 @@ from serving.errors import (
     Unauthorized,
 )
 from serving.limits import RateLimited
-from tuneserve.adapters.registry import AdapterNotFound
+from tuneserve.adapters.registry import AdapterNotFound, AdapterStoreUnavailable
 from tuneserve.adapters.validation import AdapterRejected
 from tuneserve.tenants.store import TenantNotFound
 
@@ -53,8 +54,14 @@ def _tenant_missing(exc: TenantNotFound, tenant: str | None) -> ApiError:
     return NotFound(message, param="tenant")
 
 
+def _store_unavailable(exc: AdapterStoreUnavailable, _: str | None) -> ApiError:
+    # The message names the bucket's answer, never a server path.
+    return AdapterStorageUnavailable("The adapter store cannot take this version right now; nothing was published. Retry later.")
+
+
 DOMAIN_ERRORS: dict[type[Exception], Translate] = {
     AdapterRejected: _rejected,
+    AdapterStoreUnavailable: _store_unavailable,
     AdapterNotFound: _adapter_missing,
     TenantNotFound: _tenant_missing,
 }

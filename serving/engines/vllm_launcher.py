@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tuneserve.config import VLLMConfig, VLLMLaunchConfig
+from tuneserve.config import AdaptersS3Config, VLLMConfig, VLLMLaunchConfig
 from tuneserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 ADAPTERS_DIR_ENV = "TUNESERVE_ADAPTERS_DIR"
 BASE_ENV = "TUNESERVE_ADAPTERS_BASE"
 PLUGIN_NAME = "tuneserve_lora_resolver"
+S3_BUCKET_ENV = "TUNESERVE_ADAPTERS_S3_BUCKET"
+S3_PREFIX_ENV = "TUNESERVE_ADAPTERS_S3_PREFIX"
+S3_ENDPOINT_URL_ENV = "TUNESERVE_ADAPTERS_S3_ENDPOINT_URL"
+S3_REGION_ENV = "TUNESERVE_ADAPTERS_S3_REGION"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -93,7 +97,9 @@ def vllm_command(vllm: VLLMConfig, model_path: Path, served_name: str, max_model
     ]
 
 
-def vllm_env(config: VLLMLaunchConfig, adapters_dir: Path | None = None, base: str | None = None) -> dict[str, str]:
+def vllm_env(
+    config: VLLMLaunchConfig, adapters_dir: Path | None = None, base: str | None = None, s3: AdaptersS3Config | None = None
+) -> dict[str, str]:
     """The launched vLLM's environment; `adapters_dir` (the shared adapter volume) turns
     on tuneserve's LoRA resolver there, `base` (model.name) makes it refuse adapters
     validated against another base."""
@@ -105,17 +111,30 @@ def vllm_env(config: VLLMLaunchConfig, adapters_dir: Path | None = None, base: s
     # (--disable-log-stats turns off both); a long interval keeps its log quiet.
     env.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
     if adapters_dir is not None:
-        env.update(resolver_env(adapters_dir, base, env))
+        env.update(resolver_env(adapters_dir, base, env, s3))
     return env
 
 
-def resolver_env(adapters_dir: Path, base: str | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """What a vLLM process needs to resolve adapters by name (vllm_plugin/lora_resolver.py)."""
+def resolver_env(
+    adapters_dir: Path,
+    base: str | None = None,
+    environ: dict[str, str] | None = None,
+    s3: AdaptersS3Config | None = None,
+) -> dict[str, str]:
+    """What a vLLM process needs to resolve adapters by name (vllm_plugin/lora_resolver.py);
+    with `s3` (adapters.s3) also the bucket to download versions the volume lacks from.
+    AWS credentials reach it as the rest of the environment does."""
     current = os.environ if environ is None else environ
     # vLLM asks its resolvers only with runtime LoRA updating on (serving.py _check_model).
     env = {ADAPTERS_DIR_ENV: str(adapters_dir.resolve()), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if base:
         env[BASE_ENV] = base
+    if s3 is not None and s3.bucket:
+        env[S3_BUCKET_ENV] = s3.bucket
+        env[S3_PREFIX_ENV] = s3.prefix
+        for name, value in ((S3_ENDPOINT_URL_ENV, s3.endpoint_url), (S3_REGION_ENV, s3.region)):
+            if value:
+                env[name] = value
     plugins = current.get("VLLM_PLUGINS")
     if plugins is not None and PLUGIN_NAME not in plugins.split(","):
         # An allow-list of plugins would leave the resolver out and every adapter a 404.
@@ -133,8 +152,10 @@ class VLLMLauncher:
         log_file: Path,
         adapters_dir: Path | None = None,
         base: str | None = None,
+        s3: AdaptersS3Config | None = None,
     ) -> None:
         self.config = vllm.launch
+        self.s3 = s3
         self.command = vllm_command(vllm, model_path, served_name, max_model_len)
         # Resolver mode: the launched vLLM resolves versioned names from the adapter
         # volume (<data_dir>/adapters) itself, since the gateway loads nothing there.
@@ -179,7 +200,7 @@ class VLLMLauncher:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=vllm_env(self.config, self.adapters_dir, self.base),
+                env=vllm_env(self.config, self.adapters_dir, self.base, self.s3),
                 preexec_fn=_own_group_dying_with_parent,
             )
 

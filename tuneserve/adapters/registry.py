@@ -17,6 +17,10 @@ what engines still hold of the old tenant's.
 Readers take no lock: every change they can see is a rename. An upload is unpacked,
 validated and converted in a private temp dir under the data dir; only a fully
 built version dir is renamed into place, so a rejection leaves nothing behind.
+
+With `adapters.s3.bucket` set, each version is also uploaded (object_store.py) from its
+staged dir, before it is renamed into place and made current: a replica asked for a
+version's engine name finds it in the bucket, and a failed upload publishes nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Callable, Iterator, NamedTuple
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from tuneserve.adapters.archive import unpack
+from tuneserve.adapters.object_store import AdapterObjectStore, ObjectStoreError, S3Location
 from tuneserve.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tuneserve.adapters.validation import (
     AdapterRejected,
@@ -59,6 +64,11 @@ UPLOAD_PREFIX = ".adapter-upload-"
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
+
+
+class AdapterStoreUnavailable(TuneserveError):
+    """The object store (adapters.s3) refused or could not take a version: nothing of
+    it was published (HTTP 503, retryable)."""
 
 
 class AdapterNotFound(TuneserveError):
@@ -140,6 +150,10 @@ class AdapterRegistry:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.root = self.data_dir / "adapters"
+        s3 = settings.adapters.s3
+        self.object_store = (
+            AdapterObjectStore(S3Location(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)) if s3.bucket else None
+        )
 
     @cached_property
     def _base(self) -> BaseModules:
@@ -208,9 +222,15 @@ class AdapterRegistry:
                 )
                 (built / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
                 final = self._name_dir(tenant, name) / f"v{version}"
-                with staged_dir(final) as staged:
-                    for file in built.iterdir():
-                        os.replace(file, staged / file.name)
+                try:
+                    with staged_dir(final) as staged:
+                        for file in built.iterdir():
+                            os.replace(file, staged / file.name)
+                        self._upload(staged, manifest)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        final.parent.rmdir()  # made for a first version that was not stored
+                    raise
                 write_atomic(final.parent / CURRENT_FILE, f"v{version}\n", durable=True)
             return AddedVersion(self._record(final, manifest), replaced)
         finally:
@@ -232,6 +252,7 @@ class AdapterRegistry:
             removed[name] = max(last, removed.get(name, 0))
             write_atomic(name_dir.parent / REMOVED_FILE, json.dumps(removed, indent=2) + "\n", durable=True)
             self._discard(name_dir)
+            self._delete_uploaded(tenant, name)
         return record
 
     def remove_tenant(self, tenant: str, while_locked: Callable[[], object] = lambda: None) -> TenantRemoved:
@@ -251,6 +272,7 @@ class AdapterRegistry:
             tenant_dir = self.root / tenant
             if tenant_dir.exists():
                 self._discard(tenant_dir)
+            self._delete_uploaded(tenant)
         return TenantRemoved(tenant, records)
 
     # ------------------------------------------------------------ reading
@@ -286,6 +308,28 @@ class AdapterRegistry:
         return records
 
     # ------------------------------------------------------------ internals
+
+    def _upload(self, staged: Path, manifest: AdapterManifest) -> None:
+        if self.object_store is None:
+            return
+        try:
+            self.object_store.upload_version(staged, manifest.tenant, manifest.name, manifest.version)
+        except ObjectStoreError as exc:
+            # The staged dir goes with the exception: nothing of this version is stored.
+            raise AdapterStoreUnavailable(
+                f"cannot store adapter version {manifest.version} in the object store: {exc}"
+            ) from exc
+
+    def _delete_uploaded(self, tenant: str, name: str | None = None) -> None:
+        if self.object_store is None:
+            return
+        try:
+            self.object_store.delete(tenant, name)
+        except ObjectStoreError as exc:
+            # Removed here, which is what the gateways serve from; what stays in the
+            # bucket is addressable by its old engine names only, which nobody is given.
+            log.error("adapter %s removed, but its versions stay in the object store: %s",
+                      f"{tenant}/{name}" if name else f"tenant {tenant}", exc)
 
     def _discard(self, directory: Path) -> None:
         # One rename takes it all away; readers never see half a dir.
