@@ -48,6 +48,11 @@ async def reconcile_once(registry: AdapterRegistry, engines: Sequence[Engine]) -
             unloaded.append(engine_name)
     if unloaded:
         log.info("unloaded %d adapter(s) the registry no longer serves: %s", len(unloaded), unloaded)
+    # With the registry's index in the database, versions removed through another
+    # gateway leave their files on this machine's disk until this sweep.
+    swept = await asyncio.to_thread(registry.sweep_local)
+    if swept:
+        log.info("removed %d version dir(s) the registry no longer stores", len(swept))
     return unloaded
 
 

@@ -17,12 +17,14 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.support.postgres_server import migrated_store
 from tests.support.servers import DATA_DIR, ROOT
 from tuneserve.adapters.registry import AdapterNotFound, AdapterRecord, AdapterRegistry, owner_of
+from tuneserve.adapters.registry_index import FileIndex
 from tuneserve.adapters.validation import AdapterRejected
 from tuneserve.config import Settings, load_settings
 from tuneserve.tenants.store import TenantNotFound
@@ -48,8 +50,10 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def settings_for(data_dir: Path, **adapters: Any) -> Settings:
+def settings_for(data_dir: Path, store_url: str | None = None, **adapters: Any) -> Settings:
     overrides = {"data_dir": str(data_dir), "model.hf_path": str(HF_DIR)}
+    if store_url is not None:
+        overrides["store.url"] = store_url
     overrides.update({f"adapters.{key}": value for key, value in adapters.items()})
     return load_settings(overrides=overrides, environ={})
 
@@ -61,9 +65,22 @@ def data_dir(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def registry(data_dir: Path) -> AdapterRegistry:
-    return AdapterRegistry(settings_for(data_dir))
+@pytest.fixture(params=["files", "postgresql"])
+def registry(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[AdapterRegistry]:
+    """The registry with its index in files (the embedded default) and in PostgreSQL
+    (several gateways): every behaviour below holds for both."""
+    if request.param == "files":
+        yield AdapterRegistry(settings_for(data_dir))
+        return
+    dsn = request.getfixturevalue("postgres_dsn")
+    migrated_store(dsn).close()
+    opened = AdapterRegistry(settings_for(data_dir, store_url=dsn))
+    yield opened
+    opened.close()
+
+
+def index_in_files(registry: AdapterRegistry) -> bool:
+    return isinstance(registry.index, FileIndex)
 
 
 def listing(root: Path) -> list[tuple[str, int | None, int]]:
@@ -138,7 +155,10 @@ def check_stored(record: AdapterRecord, registry: AdapterRegistry, peft_adapter:
     manifest = json.loads((record.path / "manifest.json").read_text())
     assert manifest["base"] == "smollm2-135m-instruct"
     assert manifest["sha256"] == record.sha256 and manifest["version"] == version
-    assert (record.path.parent / "current").read_text() == f"v{version}\n"
+    # The embedded default points at the current version with a file; PostgreSQL holds it.
+    assert (record.path.parent / "current").exists() is index_in_files(registry)
+    if index_in_files(registry):
+        assert (record.path.parent / "current").read_text() == f"v{version}\n"
     assert registry.get("acme", "support") == record
     # Nothing but the adapter tree is left in the data dir: no temp dirs.
     assert [p.name for p in registry.data_dir.iterdir()] == ["adapters"]
@@ -225,11 +245,14 @@ def test_upload_for_a_deleted_owner_stores_nothing(registry: AdapterRegistry, pe
     with pytest.raises(TenantNotFound):
         registry.add_version("acme", "support", peft_adapter, owner_gone)
     assert registry.get("acme", "support") is None
-    assert sorted(p.name for p in registry.data_dir.iterdir()) == ["adapters"]
+    # The index in PostgreSQL never needs the adapters dir made for its lock file.
+    assert sorted(p.name for p in registry.data_dir.iterdir()) in (["adapters"], [])
     assert _names_in_root(registry) == []
 
 
 def _names_in_root(registry: AdapterRegistry) -> list[str]:
+    if not registry.root.exists():
+        return []
     return sorted(p.name for p in registry.root.iterdir() if not p.name.startswith("."))
 
 
@@ -730,3 +753,103 @@ def test_cli_errors_exit_2_with_one_line(data_dir: Path, peft_adapter: Path, tmp
     audit = [json.loads(line) for line in (data_dir / "audit.log").read_text().splitlines()]
     assert [(a["action"], a["result"]) for a in audit] == [("adapter." + ("add" if args[0] == "add" else "delete"), "refused")]
     assert expected.strip("()") in audit[0]["error"]
+
+
+# -- several machines on one PostgreSQL: the index is shared, the files need not be
+
+
+@pytest.fixture()
+def two_machines(postgres_dsn: str, tmp_path: Path) -> Iterator[tuple[AdapterRegistry, AdapterRegistry]]:
+    """Two registries as two gateways on two machines see them: one database, no shared disk."""
+    migrated_store(postgres_dsn).close()
+    machines = []
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+        machines.append(AdapterRegistry(settings_for(tmp_path / host, store_url=postgres_dsn)))
+    yield machines[0], machines[1]
+    for machine in machines:
+        machine.close()
+
+
+async def test_what_one_machine_publishes_the_other_finds_at_once(
+    two_machines: tuple[AdapterRegistry, AdapterRegistry], peft_adapter: Path
+) -> None:
+    a, b = two_machines
+    first = a.add("acme", "support", peft_adapter)
+    assert b.get("acme", "support") == first.model_copy(update={"path": b.root / "acme" / "support" / "v1",
+                                                                 "gguf_path": b.root / "acme" / "support" / "v1" / "adapter.gguf"})
+    assert (await b.aget("acme", "support")) == b.get("acme", "support")  # the gateway's async lookup
+    assert [r.engine_name for r in b.list()] == [first.engine_name]
+
+    second = b.add("acme", "support", peft_adapter)  # numbered after what the other machine stored
+    assert second.version == 2 and a.get("acme", "support").engine_name == second.engine_name  # type: ignore[union-attr]
+
+    a.remove("acme", "support")  # a never held v2's files: removing still works
+    assert b.get("acme", "support") is None and await b.aget("acme", "support") is None
+    assert b.add("acme", "support", peft_adapter).version == 3  # numbers stay used across machines
+
+    # Neither machine wrote the file index: no pointer files, no lock file.
+    for machine in (a, b):
+        names = {p.name for p in machine.root.rglob("*")}
+        assert not names & {"current", ".removed.json", ".lock"}, names
+
+
+def test_concurrent_publishes_on_two_machines_never_share_a_version(
+    two_machines: tuple[AdapterRegistry, AdapterRegistry], peft_adapter: Path
+) -> None:
+    """The advisory lock, not a file lock, serialises writers of one tenant across
+    machines: each version number is taken once, and each upload frees what it replaced."""
+    a, b = two_machines
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(lambda i: (a, b)[i % 2].add_version("acme", "support", peft_adapter), range(6)))
+    by_version = {x.record.version: x for x in added}
+    assert sorted(by_version) == [1, 2, 3, 4, 5, 6]
+    replaced = {v: x.replaced.version for v, x in by_version.items() if x.replaced is not None}
+    assert replaced == {2: 1, 3: 2, 4: 3, 5: 4, 6: 5}
+    assert a.get("acme", "support").version == 6  # type: ignore[union-attr]
+
+
+def test_a_tenant_removed_on_one_machine_is_gone_on_the_other(
+    two_machines: tuple[AdapterRegistry, AdapterRegistry], peft_adapter: Path
+) -> None:
+    a, b = two_machines
+    old = a.add("acme", "support", peft_adapter)
+    a.add("acme", "support", peft_adapter)  # an older version stays stored, so it stays on disk
+    kept = a.add("globex", "support", peft_adapter)
+    assert a.sweep_local() == []  # everything on a's disk is stored
+    removed = b.remove_tenant("acme")
+    assert [r.version for r in removed.adapters] == [2]
+    assert [r.engine_name for r in a.list()] == [kept.engine_name]
+    # a's disk still holds the removed tenant's weights until its sweep (the gateway's
+    # reconciler runs it every adapters.reconcile_interval_s); other tenants' stay.
+    assert sorted(p.name for p in a.sweep_local()) == ["v1", "v2"]
+    assert not (a.root / "acme").exists() and kept.path.is_dir()
+    new = a.add("acme", "support", peft_adapter)
+    assert new.version == 1 and new.engine_name != old.engine_name
+
+
+def test_the_cli_shares_the_index_and_writes_the_audit_trail_to_the_database(
+    postgres_dsn: str, tmp_path: Path, peft_adapter: Path
+) -> None:
+    from tuneserve.audit import DatabaseAuditLog
+
+    store = migrated_store(postgres_dsn)
+    env = {**os.environ, "TUNESERVE_DATA_DIR": str(tmp_path / "cli"), "TUNESERVE_MODEL__HF_PATH": str(HF_DIR),
+           "TUNESERVE_STORE__URL": postgres_dsn}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(ROOT / ".venv/bin/tuneserve"), "adapters", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    added = cli("add", "acme", "support", str(peft_adapter))
+    assert added.returncode == 0, added.stderr
+    gateway_side = AdapterRegistry(settings_for(tmp_path / "gateway", store_url=postgres_dsn), store)
+    assert gateway_side.get("acme", "support").engine_name == json.loads(added.stdout)["engine_name"]  # type: ignore[union-attr]
+    assert cli("remove", "acme", "nope").returncode == 2
+    trail = DatabaseAuditLog(store).entries()
+    assert [(e["action"], e["target"], e["result"]) for e in trail] == [
+        ("adapter.add", "acme/support", "ok"), ("adapter.delete", "acme/nope", "refused")
+    ]
+    assert trail[0]["version"] == 1 and trail[0]["source"] == "cli" and trail[0]["actor"].startswith("cli:")
+    assert not (tmp_path / "cli" / "audit.log").exists()
+    store.close()

@@ -23,7 +23,9 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from tests.support.servers import ROOT
-from tuneserve.config import Settings, load_settings
+from tuneserve.adapters.object_store import S3Location
+from tuneserve.config import AdaptersS3Config, Settings, load_settings
+from vllm_plugin import lora_resolver
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"
@@ -257,7 +259,7 @@ def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("kustomization", ["k8s", "k8s-trial"])
+@pytest.mark.parametrize("kustomization", ["k8s", "k8s-trial", "k8s-s3"])
 def test_k8s_manifests_validate_against_the_kubernetes_schema(kustomization: str) -> None:
     docs = rendered(kustomization)
     kinds = {d["kind"] for d in docs}
@@ -489,3 +491,57 @@ def test_k8s_trial_postgres_matches_the_dsn() -> None:
     port = named(docs, "Service", "postgres")["spec"]["ports"][0]["port"]
     assert secret["url"] == f"postgresql://{env['POSTGRES_USER']}:{secret['password']}@postgres:{port}/{env['POSTGRES_DB']}"
     assert postgres["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_s3_vllm_replicas_fetch_adapters_from_the_gateways_bucket(tmp_path: Path) -> None:
+    """deploy/k8s-s3: vLLM replicas download adapters from the bucket the gateways upload
+    to, into a per-pod emptyDir, so GPU nodes need no RWX volume; the gateways keep it
+    (their llama.cpp fallback reads the GGUF files there). Nothing else differs."""
+    base, docs = rendered(), rendered("k8s-s3")
+    config = yaml.safe_load(named(docs, "ConfigMap", "tuneserve-config")["data"]["tuneserve.yaml"])
+    s3 = Settings.model_validate(config).adapters.s3
+    assert s3.bucket
+    # The overlay repeats the base's config file whole: only adapters.s3 may differ.
+    adapters = {k: v for k, v in config.pop("adapters").items() if k != "s3"}
+    base_config = yaml.safe_load(named(base, "ConfigMap", "tuneserve-config")["data"]["tuneserve.yaml"])
+    assert {**config, **({"adapters": adapters} if adapters else {})} == base_config
+    patched = {("ConfigMap", "tuneserve-config"), ("Deployment", "vllm"), ("Deployment", "tuneserve-gateway")}
+
+    def key(d: dict[str, Any]) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    added = {("Secret", "tuneserve-s3"): named(docs, "Secret", "tuneserve-s3")}
+    assert {key(d): d for d in docs if key(d) not in patched} == {key(d): d for d in base if key(d) not in patched} | added
+    # vLLM: no PersistentVolumeClaim at all, and the resolver is not pointed at a volume
+    # (it refuses to start on a missing TUNESERVE_ADAPTERS_DIR).
+    vllm = named(docs, "Deployment", "vllm")
+    pod = vllm["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    v = container(vllm)
+    env = {n: value for n, value in env_of(v).items() if isinstance(value, str)}
+    assert lora_resolver.ADAPTERS_DIR_ENV not in env
+    # Its TUNESERVE_ADAPTERS_S3_* say what the gateway's adapters.s3 says, key for key
+    # (unset where the gateway's is None), and the plugin reads the same location.
+    for field in AdaptersS3Config.model_fields:
+        assert env.get(f"TUNESERVE_ADAPTERS_S3_{field.upper()}") == getattr(s3, field), field
+    cache = lora_resolver.object_store_cache_from_env({**env, lora_resolver.CACHE_DIR_ENV: str(tmp_path)}, None)
+    assert cache is not None
+    assert cache.store.location == S3Location(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)
+    # The cache dir is a writable, bounded emptyDir of its own.
+    mounts = {m["mountPath"]: m for m in v["volumeMounts"]}
+    cache_mount = mounts[env[lora_resolver.CACHE_DIR_ENV]]
+    assert not cache_mount.get("readOnly")
+    cache_volume = {vol["name"]: vol for vol in pod["volumes"]}[cache_mount["name"]]
+    assert cache_volume["emptyDir"]["sizeLimit"] and "medium" not in cache_volume["emptyDir"]
+    # The gateways keep the shared adapter volume.
+    gateway = named(docs, "Deployment", "tuneserve-gateway")
+    gateway_volumes = {vol["name"]: vol for vol in gateway["spec"]["template"]["spec"]["volumes"]}
+    gateway_mounts = {m["name"]: m for m in container(gateway)["volumeMounts"]}
+    assert gateway_volumes["data"]["persistentVolumeClaim"]["claimName"] == "tuneserve-data"
+    assert gateway_mounts["data"]["mountPath"] == env_of(container(gateway))["TUNESERVE_DATA_DIR"]
+    assert not gateway_mounts["data"].get("readOnly")
+    # Both take boto3's credentials from the Secret, as env.
+    secret = named(docs, "Secret", "tuneserve-s3")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secret["stringData"].keys()
+    for deployment in (gateway, vllm):
+        assert {"secretRef": {"name": "tuneserve-s3"}} in container(deployment)["envFrom"]

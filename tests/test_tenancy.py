@@ -34,7 +34,7 @@ from serving.auth import (
 )
 from serving.errors import Unauthorized
 from tests.support.postgres_server import migrated_store
-from tuneserve.audit import AuditLog, audit_path
+from tuneserve.audit import FileAuditLog, audit_path
 from tuneserve.config import AuthConfig, load_settings
 from tuneserve.db import Store, StoreError, open_store
 from tuneserve.db.migrations import SQLITE as MIGRATIONS
@@ -358,7 +358,7 @@ def test_empty_admin_key() -> None:
 
 
 def test_audit_record_fields(tmp_path: Path) -> None:
-    log = AuditLog(audit_path(tmp_path))
+    log = FileAuditLog(audit_path(tmp_path))
     log.record("cli:alice", "tenant.create", "acme", "ok", key_id="abc", note="two\nlines")
     with pytest.raises(ValueError), log.recording("cli:alice", "tenant.delete", "acme"):
         raise ValueError("boom")
@@ -374,12 +374,12 @@ def test_audit_record_fields(tmp_path: Path) -> None:
 
 def test_audit_concurrent_appends_give_whole_lines(tmp_path: Path) -> None:
     path = audit_path(tmp_path)
-    log = AuditLog(path)
+    log = FileAuditLog(path)
     threads, processes, per_writer = 6, 2, 25
     payload = "x" * 8192  # bigger than a page: a torn write would show
     writer = (
-        "import sys; from pathlib import Path; from tuneserve.audit import AuditLog\n"
-        "log = AuditLog(Path(sys.argv[1]))\n"
+        "import sys; from pathlib import Path; from tuneserve.audit import FileAuditLog\n"
+        "log = FileAuditLog(Path(sys.argv[1]))\n"
         "for i in range(int(sys.argv[3])):\n"
         "    log.record(sys.argv[2], 'test', str(i), 'ok', payload=sys.argv[4])\n"
     )

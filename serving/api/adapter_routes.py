@@ -89,7 +89,7 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
             principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
         except ApiError as exc:  # answered before the body is read
             raise close_connection(exc) from None
-        with audited(tenancy.audit, principal, "adapter.add", f"{principal.tenant or ''}/") as scope:
+        async with audited(tenancy.audit, principal, "adapter.add", f"{principal.tenant or ''}/") as scope:
             form = UploadForm()
             try:
                 with slots.uploader(actor(principal)):
@@ -118,9 +118,9 @@ def register_adapter_routes(app: FastAPI, tenancy: Tenancy, engines: Sequence[En
         # 422 this route never answers.
         model: str = request.path_params["model"]
         principal = await tenancy.authenticator.authenticate(request.headers.get("authorization"))
-        with audited(tenancy.audit, principal, "adapter.delete", model) as scope:
+        async with audited(tenancy.audit, principal, "adapter.delete", model) as scope:
             # Same addressing as `model` in a completion: another tenant's adapter is a 404.
-            record = await asyncio.to_thread(tenancy.resolve_model, principal, model)
+            record = await tenancy.resolve_model(principal, model)
             if record is None:
                 raise InvalidRequest("The base model cannot be deleted.", param="model")
             scope.target = f"{record.tenant}/{record.name}"

@@ -10,9 +10,10 @@ no identity to record).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 from serving.access import actor
 from serving.api.error_map import DOMAIN_ERRORS, api_error
@@ -35,10 +36,11 @@ def _as_api_error(exc: Exception) -> ApiError | None:
     return None
 
 
-@contextlib.contextmanager
-def audited(audit: AuditLog, principal: Principal, action: str, target: str) -> Iterator[AuditScope]:
+@contextlib.asynccontextmanager
+async def audited(audit: AuditLog, principal: Principal, action: str, target: str) -> AsyncIterator[AuditScope]:
     """Record the block's outcome: "ok", "refused" (a 4xx: status, code, message) or
-    "failed" (anything else, re-raised as it was)."""
+    "failed" (anything else, re-raised as it was). Written from a worker thread: the
+    record waits on an fsync or on the database, never on the event loop."""
     scope = AuditScope(target)
     who = actor(principal)
     try:
@@ -46,11 +48,11 @@ def audited(audit: AuditLog, principal: Principal, action: str, target: str) -> 
     except Exception as exc:
         answer = _as_api_error(exc)
         if answer is not None and answer.status_code < 500:
-            audit.record(
-                who, action, scope.target, "refused",
+            await asyncio.to_thread(
+                audit.record, who, action, scope.target, "refused",
                 **scope.details, status=answer.status_code, code=answer.code, error=answer.message,
             )
         else:
-            audit.record(who, action, scope.target, "failed", **scope.details, error=str(exc))
+            await asyncio.to_thread(audit.record, who, action, scope.target, "failed", **scope.details, error=str(exc))
         raise
-    audit.record(who, action, scope.target, "ok", **scope.details)
+    await asyncio.to_thread(audit.record, who, action, scope.target, "ok", **scope.details)

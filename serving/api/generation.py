@@ -139,7 +139,7 @@ class GenerationService:
             raw = await read_body(http, self.max_body_bytes)
         watch.arm()
         body = parse_body(raw, route.body)
-        record = self.tenancy.resolve_model(principal, body.model)
+        record = await self.tenancy.resolve_model(principal, body.model)
         timer.model = self.served_model
         if record is not None:
             timer.tenant, timer.adapter = record.tenant, record.name

@@ -10,6 +10,10 @@ Layout under `<data_dir>/adapters/`:
                                 re-added name never reuses a version number
     .lock                       serialises writers (flock), across processes too
 
+The last three are the embedded default's index; with `store.url` on PostgreSQL the
+current versions, used numbers and manifests live in the database instead, and
+writers lock there (registry_index.py): several machines then share one registry.
+
 Engine names (`<tenant>--<name>--v<N>--<uid>`) carry a random id per version: a tenant
 deleted and created again restarts at v1, and its adapters must never be served from
 what engines still hold of the old tenant's.
@@ -25,45 +29,49 @@ version's engine name finds it in the bucket, and a failed upload publishes noth
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import fcntl
-import json
 import logging
 import os
-import re
 import shutil
+import threading
 import uuid
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple, overload
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from tuneserve.adapters.archive import unpack
 from tuneserve.adapters.object_store import AdapterObjectStore, ObjectStoreError, S3Location
 from tuneserve.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from tuneserve.adapters.registry_index import (
+    MANIFEST_FILE,
+    AdapterManifest,
+    DatabaseIndex,
+    index_for,
+    names_in,
+    versions_in,
+)
 from tuneserve.adapters.validation import (
     AdapterRejected,
     BaseModules,
     check_name,
     check_new_name,
+    file_sha256,
     validate_adapter,
 )
 from tuneserve.config import Settings
+from tuneserve.db import Store, is_shared, open_store
 from tuneserve.errors import TuneserveError
-from tuneserve.fsutil import owned_temp_dir, staged_dir, write_atomic
+from tuneserve.fsutil import owned_temp_dir, staged_dir
 from tuneserve.gguf.lora import AdapterConversionError, convert_lora_to_gguf
 from tuneserve.names import is_valid_name
 
 GGUF_FILE = "adapter.gguf"
-MANIFEST_FILE = "manifest.json"
-CURRENT_FILE = "current"
-REMOVED_FILE = ".removed.json"
 UPLOAD_PREFIX = ".adapter-upload-"
 log = logging.getLogger(__name__)
-
-_VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
 
 
 class AdapterStoreUnavailable(TuneserveError):
@@ -73,24 +81,6 @@ class AdapterStoreUnavailable(TuneserveError):
 
 class AdapterNotFound(TuneserveError):
     """The tenant has no adapter of that name (HTTP 404)."""
-
-
-class AdapterManifest(BaseModel):
-    """manifest.json of one version: what was validated, written before the rename."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    tenant: str
-    name: str
-    version: int
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    base: str  # model.name of the base it was validated against
-    sha256: str  # of adapter_model.safetensors
-    size_bytes: int  # of adapter_model.safetensors
-    created_at: datetime
-    uid: str | None = None  # absent in versions stored before engine names carried it
 
 
 class AdapterRecord(BaseModel):
@@ -144,12 +134,21 @@ class AdapterRegistry:
 
     The tenant is taken as a string: whether it exists is for the caller (the tenants
     module) to check first; names are only checked for shape here.
+
+    `store` is the tenants' database (the gateway passes the one it has open); on
+    PostgreSQL it holds the registry's index. Without one, the configured store is
+    opened when it is PostgreSQL, and closed by close().
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.root = self.data_dir / "adapters"
+        self._owned_store: Store | None = None
+        if store is None and is_shared(settings):
+            store = self._owned_store = open_store(settings)
+        self.index = index_for(store, self.root)
+        self._fetching = threading.Lock()  # one download at a time: they are rare
         s3 = settings.adapters.s3
         self.object_store = (
             AdapterObjectStore(S3Location(s3.bucket, s3.prefix, s3.endpoint_url, s3.region)) if s3.bucket else None
@@ -202,11 +201,11 @@ class AdapterRegistry:
                 raise AdapterRejected(
                     "conversion_failed", f"the adapter cannot be converted for llama.cpp: {why}"
                 ) from exc
-            with self._lock():
+            with self.index.writing(tenant) as index:
                 if owner_exists is not None:
                     owner_exists()
-                replaced = self.get(tenant, name)
-                version = self._next_version(tenant, name)
+                replaced = self._as_record(index.current(tenant, name))
+                version = index.next_version(tenant, name)
                 manifest = AdapterManifest(
                     tenant=tenant,
                     name=name,
@@ -231,7 +230,7 @@ class AdapterRegistry:
                     with contextlib.suppress(OSError):
                         final.parent.rmdir()  # made for a first version that was not stored
                     raise
-                write_atomic(final.parent / CURRENT_FILE, f"v{version}\n", durable=True)
+                index.publish(manifest)
             return AddedVersion(self._record(final, manifest), replaced)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -242,16 +241,12 @@ class AdapterRegistry:
         check_name(name, "adapter")
         if self.get(tenant, name) is None:  # checked before the lock, which creates files
             raise AdapterNotFound(f"tenant {tenant!r} has no adapter {name!r}")
-        with self._lock():
-            record = self.get(tenant, name)
+        with self.index.writing(tenant) as index:
+            record = self._as_record(index.current(tenant, name))
             if record is None:  # removed meanwhile
                 raise AdapterNotFound(f"tenant {tenant!r} has no adapter {name!r}")
-            name_dir = self._name_dir(tenant, name)
-            last = max([record.version, *_versions_in(name_dir)])
-            removed = self._removed(tenant)
-            removed[name] = max(last, removed.get(name, 0))
-            write_atomic(name_dir.parent / REMOVED_FILE, json.dumps(removed, indent=2) + "\n", durable=True)
-            self._discard(name_dir)
+            index.remove(tenant, name)
+            self._discard(self._name_dir(tenant, name))
             self._delete_uploaded(tenant, name)
         return record
 
@@ -265,13 +260,12 @@ class AdapterRegistry:
         `tenants create` calls this too: a new tenant never finds anything an old one
         of its name left (data dirs from before tenant deletion removed adapters).
         """
-        with self._lock():
+        with self.index.writing(tenant) as index:
             while_locked()  # first: it says what is wrong with the name in its own words
             check_name(tenant, "tenant")
             records = self.list(tenant)
-            tenant_dir = self.root / tenant
-            if tenant_dir.exists():
-                self._discard(tenant_dir)
+            index.remove_tenant(tenant)
+            self._discard(self.root / tenant)
             self._delete_uploaded(tenant)
         return TenantRemoved(tenant, records)
 
@@ -282,30 +276,86 @@ class AdapterRegistry:
         be stored under: a lookup from a request's `model` is not an error)."""
         if not (is_valid_name(tenant) and is_valid_name(name)):
             return None
-        name_dir = self._name_dir(tenant, name)
-        try:
-            current = (name_dir / CURRENT_FILE).read_text().strip()
-            if not _VERSION_DIR.fullmatch(current):
-                raise TuneserveError(f"{name_dir / CURRENT_FILE} is corrupt: {current!r}")
-            version_dir = name_dir / current
-            manifest = AdapterManifest.model_validate_json((version_dir / MANIFEST_FILE).read_text())
-        except FileNotFoundError:  # never added, or removed while we read
+        return self._as_record(self.index.current(tenant, name))
+
+    async def aget(self, tenant: str, name: str) -> AdapterRecord | None:
+        """get() for the gateway's event loop: it resolves every adapter request's model."""
+        if not (is_valid_name(tenant) and is_valid_name(name)):
             return None
-        return self._record(version_dir, manifest)
+        return self._as_record(await self.index.acurrent(tenant, name))
 
     def list(self, tenant: str | None = None) -> list[AdapterRecord]:
         """Current versions of every adapter (of `tenant`, if given), by tenant and name."""
-        if tenant is not None:
-            tenants = [tenant] if is_valid_name(tenant) else []
-        else:
-            tenants = _names_in(self.root)
-        records = []
-        for owner in tenants:
-            for name in _names_in(self.root / owner):
-                record = self.get(owner, name)
-                if record is not None:
-                    records.append(record)
-        return records
+        if tenant is not None and not is_valid_name(tenant):
+            return []
+        return [self._as_record(manifest) for manifest in self.index.list_current(tenant)]
+
+    def fetch_local(self, record: AdapterRecord) -> bool:
+        """Download `record`'s version dir from the object store when this machine's disk
+        lacks it (published through a gateway elsewhere, with no shared volume), so the
+        llama.cpp fallback has its GGUF. Checked against the record the database holds:
+        uid and weights' sha256. False when there is nothing to fetch it from or it does
+        not verify (the caller serves what it can); ObjectStoreError if unreachable."""
+        store = self.object_store
+        if record.path.is_dir() or store is None:
+            return record.path.is_dir()
+        with self._fetching:
+            if record.path.is_dir():  # fetched by another request while this one waited
+                return True
+            try:
+                with staged_dir(record.path) as staged:
+                    for filename in (MANIFEST_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, GGUF_FILE):
+                        if not store.download_file(record.tenant, record.name, record.version,
+                                                   filename, staged / filename):
+                            log.warning("adapter %s: %s is missing from the object store", record.engine_name, filename)
+                            raise _NotFetched()
+                    if _uid_in(staged) != record.uid or file_sha256(staged / ADAPTER_WEIGHTS) != record.sha256:
+                        log.error("adapter %s in the object store does not match the database", record.engine_name)
+                        raise _NotFetched()
+            except _NotFetched:
+                return False
+        log.info("adapter %s fetched from the object store", record.engine_name)
+        return True
+
+    def sweep_local(self) -> builtins.list[Path]:
+        """With the index in the database, remove the version dirs on this machine's disk
+        that it no longer stores (or stores under another uid): what another machine
+        removed, or a publish whose commit failed. Returns what was removed. The file
+        index needs no sweep: there the dirs are the truth, removed with the entry."""
+        if not isinstance(self.index, DatabaseIndex):
+            return []
+        swept: builtins.list[Path] = []
+        for tenant, candidates in self._unstored_dirs(self.index.stored_uids()).items():
+            # Checked again under the tenant's writer lock: a writer renames its version
+            # dir into place before its commit, and holds the lock from one to the other,
+            # so what is unstored here is stale, not about to be published.
+            with self.index.writing(tenant):
+                stale = set(self._unstored_dirs(self.index.stored_uids(tenant)).get(tenant, []))
+                for version_dir in candidates:
+                    if version_dir in stale:
+                        self._discard(version_dir)
+                        swept.append(version_dir)
+                for name_dir in {d.parent for d in candidates}:  # emptied ones go too
+                    with contextlib.suppress(OSError):
+                        name_dir.rmdir()
+                with contextlib.suppress(OSError):
+                    (self.root / tenant).rmdir()
+        return swept
+
+    def _unstored_dirs(self, stored: dict[tuple[str, str, int], str | None]) -> dict[str, builtins.list[Path]]:
+        found: dict[str, builtins.list[Path]] = {}
+        for tenant in names_in(self.root):
+            for name in names_in(self.root / tenant):
+                for version in versions_in(self.root / tenant / name):
+                    version_dir = self.root / tenant / name / f"v{version}"
+                    key = (tenant, name, version)
+                    if key not in stored or _uid_in(version_dir) != stored[key]:
+                        found.setdefault(tenant, []).append(version_dir)
+        return found
+
+    def close(self) -> None:
+        if self._owned_store is not None:
+            self._owned_store.close()
 
     # ------------------------------------------------------------ internals
 
@@ -332,10 +382,12 @@ class AdapterRegistry:
                       f"{tenant}/{name}" if name else f"tenant {tenant}", exc)
 
     def _discard(self, directory: Path) -> None:
-        # One rename takes it all away; readers never see half a dir.
+        # One rename takes it all away; readers never see half a dir. Absent is fine:
+        # with the index in the database, a gateway may never have held the files.
         trash = self.root / ".trash"
-        trash.mkdir(exist_ok=True)
-        os.rename(directory, trash / f"{directory.name}--{uuid.uuid4().hex}")
+        trash.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(directory, trash / f"{directory.name}--{uuid.uuid4().hex}")
         shutil.rmtree(trash, ignore_errors=True)  # also what an interrupted remove left
 
     def _without_server_paths(self, message: str, built: Path) -> str:
@@ -353,38 +405,29 @@ class AdapterRegistry:
         fields = manifest.model_dump(exclude={"base"})
         return AdapterRecord(**fields, path=version_dir, gguf_path=version_dir / GGUF_FILE)
 
-    def _removed(self, tenant: str) -> dict[str, int]:
-        try:
-            return json.loads((self.root / tenant / REMOVED_FILE).read_text())
-        except FileNotFoundError:
-            return {}
+    @overload
+    def _as_record(self, manifest: AdapterManifest) -> AdapterRecord: ...
 
-    def _next_version(self, tenant: str, name: str) -> int:
-        # Numbers are never reused, even after a remove: engines key cached state on
-        # engine_name, and a re-added adapter must not be served from the old one's.
-        existing = _versions_in(self._name_dir(tenant, name))
-        return max([0, *existing, self._removed(tenant).get(name, 0)]) + 1
+    @overload
+    def _as_record(self, manifest: None) -> None: ...
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    @overload
+    def _as_record(self, manifest: AdapterManifest | None) -> AdapterRecord | None: ...
+
+    def _as_record(self, manifest: AdapterManifest | None) -> AdapterRecord | None:
+        if manifest is None:
+            return None
+        return self._record(self._name_dir(manifest.tenant, manifest.name) / f"v{manifest.version}", manifest)
 
 
-def _versions_in(name_dir: Path) -> list[int]:
-    if not name_dir.is_dir():
-        return []
-    return [int(m[1]) for p in name_dir.iterdir() if (m := _VERSION_DIR.fullmatch(p.name))]
+def _uid_in(version_dir: Path) -> str | None:
+    """The uid of the version a dir holds; "" when its manifest cannot be read (a dir
+    being removed, or not one of ours), which matches no stored uid."""
+    try:
+        return AdapterManifest.model_validate_json((version_dir / MANIFEST_FILE).read_text()).uid
+    except (OSError, ValueError):
+        return ""
 
 
-def _names_in(directory: Path) -> list[str]:
-    """Sub-dirs that are tenant or adapter names (skips .lock, .trash, temp dirs)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if p.is_dir() and is_valid_name(p.name))
-
+class _NotFetched(Exception):
+    """Leaves fetch_local's staged dir unrenamed: nothing half-fetched is kept."""

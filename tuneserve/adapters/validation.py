@@ -21,6 +21,7 @@ from typing import Literal
 from safetensors import SafetensorError, safe_open
 
 from tuneserve.adapters import tenant_regex
+from tuneserve.adapters.dora import is_dora_tensor, merge_advice
 from tuneserve.adapters.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -58,6 +59,7 @@ RejectReason = Literal[
     "missing_config",
     "invalid_config",
     "not_lora",
+    "dora_not_servable",
     "base_mismatch",
     "rank_too_large",
     "unknown_target_module",
@@ -398,6 +400,10 @@ def _check_weights(path: Path, targets: set[str], base: BaseModules, max_rank: i
         ) from None
     halves: list[tuple[LoraTensor, list[int]]] = []
     for key, (dtype, shape) in header.items():
+        if is_dora_tensor(key):  # a DoRA checkpoint whose config says otherwise
+            raise AdapterRejected(
+                "dora_not_servable", f"{ADAPTER_WEIGHTS} holds DoRA magnitude tensor {quote(key)}. {merge_advice()}"
+            )
         tensor = lora_tensor(key)
         if tensor is None or tensor.module not in targets:
             raise AdapterRejected(
@@ -444,7 +450,7 @@ def _check_weights(path: Path, targets: set[str], base: BaseModules, max_rank: i
     return adapted
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -470,6 +476,8 @@ def validate_adapter(tree: Path, settings: Settings, base: BaseModules) -> Valid
     root = find_adapter_root(tree)
     check_contents(root, tree)
     config = _read_config(root)
+    if config.use_dora:
+        raise AdapterRejected("dora_not_servable", f"{ADAPTER_CONFIG} has use_dora true. {merge_advice()}")
     check_base(config.base_model_name_or_path, settings)
     max_rank = settings.adapters.max_rank
     for what, rank in [("r", config.r), *((f"rank_pattern[{k!r}]", v) for k, v in config.rank_pattern.items())]:
@@ -488,6 +496,6 @@ def validate_adapter(tree: Path, settings: Settings, base: BaseModules) -> Valid
         rank=config.r,
         alpha=config.lora_alpha,
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in adapted})),
-        sha256=_sha256(weights),
+        sha256=file_sha256(weights),
         size_bytes=weights.stat().st_size,
     )

@@ -12,13 +12,13 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
-from tuneserve.audit import AuditLog, audit_path
+from tuneserve.audit import open_audit_log
 from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
 from tuneserve.config import Settings
-from tuneserve.db import open_store
+from tuneserve.db import Store, is_shared, open_store
 from tuneserve.tenants.store import TenantStore
 
 if TYPE_CHECKING:
@@ -54,43 +54,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     remove.set_defaults(handler=run_remove)
 
 
-def _registry(settings: Settings) -> AdapterRegistry:
+def _registry(settings: Settings, store: Store | None) -> AdapterRegistry:
     # Imported here: the registry pulls in gguf and numpy, which other commands skip.
     from tuneserve.adapters.registry import AdapterRegistry
 
-    return AdapterRegistry(settings)
+    return AdapterRegistry(settings, store)
 
 
-def _audit(settings: Settings) -> AuditLog:
-    return AuditLog(audit_path(settings.data_dir))
+@contextlib.contextmanager
+def _database(settings: Settings, for_tenant_check: bool = False) -> Iterator[Store | None]:
+    """The database when the command needs it: always when it is shared (it holds the
+    registry's index and the audit trail), else only to check the tenant exists. The
+    embedded default's registry commands touch nothing but the adapter files."""
+    if not (is_shared(settings) or for_tenant_check):
+        yield None
+        return
+    with open_store(settings) as store:
+        yield store
 
 
 def run_add(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     target = f"{args.tenant}/{args.name}"
-    with _audit(settings).recording(cli_actor(), "adapter.add", target, source="cli") as details:
-        with contextlib.ExitStack() as stack:
+    with _database(settings, for_tenant_check=settings.auth.enabled) as store:
+        with open_audit_log(settings, store).recording(cli_actor(), "adapter.add", target, source="cli") as details:
             owner_exists = None
-            if settings.auth.enabled:
-                tenants = TenantStore(stack.enter_context(open_store(settings)))
+            if store is not None and settings.auth.enabled:
+                tenants = TenantStore(store)
                 owner_exists = lambda: tenants.get(args.tenant)  # noqa: E731 - one use, under the lock
-            record = _registry(settings).add_version(args.tenant, args.name, args.path, owner_exists).record
-        details["version"] = record.version
+            record = _registry(settings, store).add_version(args.tenant, args.name, args.path, owner_exists).record
+            details["version"] = record.version
     print(record.model_dump_json(indent=2))
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    records = _registry(settings_from_args(args)).list(args.tenant)
+    settings = settings_from_args(args)
+    with _database(settings) as store:
+        records = _registry(settings, store).list(args.tenant)
     print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    with _audit(settings).recording(cli_actor(), "adapter.delete", f"{args.tenant}/{args.name}") as details:
-        record = _registry(settings).remove(args.tenant, args.name)
-        details["version"] = record.version
+    target = f"{args.tenant}/{args.name}"
+    with _database(settings) as store:
+        with open_audit_log(settings, store).recording(cli_actor(), "adapter.delete", target) as details:
+            record = _registry(settings, store).remove(args.tenant, args.name)
+            details["version"] = record.version
     # Running gateways unload it within adapters.reconcile_interval_s.
     print(record.model_dump_json(indent=2))
     return 0

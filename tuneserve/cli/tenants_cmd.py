@@ -11,12 +11,15 @@ import argparse
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Iterator
 
-from tuneserve.audit import AuditLog, audit_path
+from tuneserve.audit import AuditLog, open_audit_log
 from tuneserve.cli.actor import cli_actor
 from tuneserve.cli.options import add_settings_arguments, settings_from_args
-from tuneserve.db import open_store
+from tuneserve.config import Settings
+from tuneserve.db import Store, open_store
 from tuneserve.names import NAME_RULES
 from tuneserve.tenants.store import IssuedKey, TenantStore
 
@@ -42,18 +45,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=run_list)
 
 
+@dataclass
+class _Opened:
+    """What a tenants command works on, all on one database connection pool."""
+
+    settings: Settings
+    store: Store
+
+    @cached_property
+    def tenants(self) -> TenantStore:
+        return TenantStore(self.store)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        return open_audit_log(self.settings, self.store)
+
+    def registry(self) -> "AdapterRegistry":
+        # Imported here: the registry pulls in gguf and numpy, which `tenants list` skips.
+        from tuneserve.adapters.registry import AdapterRegistry
+
+        return AdapterRegistry(self.settings, self.store)
+
+
 @contextlib.contextmanager
-def _open(args: argparse.Namespace) -> Iterator[tuple[TenantStore, AuditLog]]:
+def _open(args: argparse.Namespace) -> Iterator[_Opened]:
     settings = settings_from_args(args)
     with open_store(settings) as store:
-        yield TenantStore(store), AuditLog(audit_path(settings.data_dir))
-
-
-def _registry(args: argparse.Namespace) -> "AdapterRegistry":
-    # Imported here: the registry pulls in gguf and numpy, which `tenants list` skips.
-    from tuneserve.adapters.registry import AdapterRegistry
-
-    return AdapterRegistry(settings_from_args(args))
+        yield _Opened(settings, store)
 
 
 def _show_key(issued: IssuedKey, what: str) -> None:
@@ -66,39 +84,38 @@ def _show_key(issued: IssuedKey, what: str) -> None:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    with _open(args) as (tenants, audit):
-        with audit.recording(cli_actor(), "tenant.create", args.name) as details:
-            created: list[IssuedKey] = []
-            leftovers = _registry(args).remove_tenant(args.name, lambda: created.append(tenants.create(args.name)))
-            issued = created[0]
-            details["key_id"] = issued.tenant.key_id
-            if leftovers.adapters:
-                details["removed_leftover_adapters"] = [r.name for r in leftovers.adapters]
+    with _open(args) as opened, opened.audit.recording(cli_actor(), "tenant.create", args.name) as details:
+        created: list[IssuedKey] = []
+        leftovers = opened.registry().remove_tenant(
+            args.name, lambda: created.append(opened.tenants.create(args.name))
+        )
+        issued = created[0]
+        details["key_id"] = issued.tenant.key_id
+        if leftovers.adapters:
+            details["removed_leftover_adapters"] = [r.name for r in leftovers.adapters]
     _show_key(issued, f"created tenant '{args.name}'")
     return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:
-    with _open(args) as (tenants, audit):
-        with audit.recording(cli_actor(), "tenant.rotate_key", args.name) as details:
-            issued = tenants.rotate(args.name)
-            details["key_id"] = issued.tenant.key_id
+    with _open(args) as opened, opened.audit.recording(cli_actor(), "tenant.rotate_key", args.name) as details:
+        issued = opened.tenants.rotate(args.name)
+        details["key_id"] = issued.tenant.key_id
     _show_key(issued, f"rotated the key of tenant '{args.name}'; the old key no longer works")
     return 0
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    with _open(args) as (tenants, audit):
-        with audit.recording(cli_actor(), "tenant.delete", args.name) as details:
-            removed = _registry(args).remove_tenant(args.name, lambda: tenants.delete(args.name))
-            details["removed_adapters"] = [r.name for r in removed.adapters]
+    with _open(args) as opened, opened.audit.recording(cli_actor(), "tenant.delete", args.name) as details:
+        removed = opened.registry().remove_tenant(args.name, lambda: opened.tenants.delete(args.name))
+        details["removed_adapters"] = [r.name for r in removed.adapters]
     # Running gateways unload them within adapters.reconcile_interval_s.
     print(f"deleted tenant '{args.name}' and {len(removed.adapters)} adapter(s)")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    with _open(args) as (tenants, _):
-        rows = [tenant.model_dump(mode="json") for tenant in tenants.list()]
+    with _open(args) as opened:
+        rows = [tenant.model_dump(mode="json") for tenant in opened.tenants.list()]
     print(json.dumps(rows, indent=2))
     return 0

@@ -4,6 +4,6 @@
 once against `Store` (base.py)."""
 
 from tuneserve.db.base import Store, StoreError
-from tuneserve.db.factory import open_store
+from tuneserve.db.factory import is_shared, open_store
 
-__all__ = ["Store", "StoreError", "open_store"]
+__all__ = ["Store", "StoreError", "is_shared", "open_store"]

@@ -40,6 +40,12 @@ def sqlite_path(settings: Settings, url: str | None) -> Path | None:
     return None
 
 
+def is_shared(settings: Settings) -> bool:
+    """Whether the store is a server several machines share (PostgreSQL): then it also
+    holds the adapter registry's index and the audit trail, which SQLite leaves to files."""
+    return sqlite_path(settings, store_url(settings.store)) is None
+
+
 def open_store(settings: Settings, check_schema: bool = True) -> Store:
     """The configured store. SQLite migrates on open (embedded default); PostgreSQL
     refuses a schema other than this version's unless `check_schema` is off."""

@@ -60,6 +60,47 @@ SQLITE: Migrations = (
         "ALTER TABLE jobs ADD COLUMN owner TEXT",
         "ALTER TABLE jobs ADD COLUMN lease_expires_at REAL",
     ),
+    # 4: shared state of several gateways, used when the store is PostgreSQL (the embedded
+    # default keeps the adapter registry's files and audit.log; the tables exist on both
+    # so that a version number means the same schema). `adapters` is one row per name
+    # ever stored: current_version NULL is a removed adapter whose last_version still
+    # keeps its numbers from being reused. `adapter_versions` holds each version's manifest.
+    (
+        """
+        CREATE TABLE adapters (
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL,
+            current_version INTEGER,
+            last_version INTEGER NOT NULL,
+            PRIMARY KEY (tenant, name)
+        )
+        """,
+        """
+        CREATE TABLE adapter_versions (
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            uid TEXT,
+            sha256 TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            manifest TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (tenant, name, version)
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            result TEXT NOT NULL,
+            details TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_ts ON audit (ts)",
+    ),
 )
 
 POSTGRESQL: Migrations = (
@@ -103,6 +144,42 @@ POSTGRESQL: Migrations = (
     (
         "ALTER TABLE jobs ADD COLUMN owner TEXT",
         "ALTER TABLE jobs ADD COLUMN lease_expires_at DOUBLE PRECISION",
+    ),
+    (
+        """
+        CREATE TABLE adapters (
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL,
+            current_version INTEGER,
+            last_version INTEGER NOT NULL,
+            PRIMARY KEY (tenant, name)
+        )
+        """,
+        """
+        CREATE TABLE adapter_versions (
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            uid TEXT,
+            sha256 TEXT NOT NULL,
+            size_bytes BIGINT NOT NULL,
+            manifest TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (tenant, name, version)
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            ts TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            result TEXT NOT NULL,
+            details JSONB NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_ts ON audit (ts)",
     ),
 )
 
