@@ -20,7 +20,7 @@ from merge.export import ExportSpec
 from tuneserve.config import Settings, format_validation_error
 from tuneserve.errors import TuneserveError
 from tuneserve.jobs.runner import JobContext, run_job, submit
-from tuneserve.jobs.store import JobRecord, JobStore
+from tuneserve.jobs.store import JobError, JobRecord, JobStatus, JobStore
 
 
 class MergeJob(BaseModel):
@@ -145,6 +145,24 @@ def run_new(jobs: JobStore, kind: str, spec: dict[str, Any], settings: Settings)
     typed = parse_job_spec(kind, spec)  # a bad spec fails before a job row exists
     job_id = submit(jobs, kind, spec)
     return run_job(jobs, job_id, lambda ctx: RUNNERS[kind](typed, settings, ctx))
+
+
+def queue_new(jobs: JobStore, kind: str, spec: dict[str, Any]) -> JobRecord:
+    """Queue a job for whichever `tuneserve jobs worker` claims it first (on any machine
+    sharing the database; its paths must be reachable there, a shared volume)."""
+    parse_job_spec(kind, spec)  # refused here, not later on a worker
+    return jobs.get(jobs.create(kind, spec, for_any_worker=True))
+
+
+def run_claimed(jobs: JobStore, job_id: str, settings: Settings) -> JobRecord:
+    """Run a job claim_next() gave this worker; JobError (recorded) if it fails."""
+    record = jobs.get(job_id)
+    try:
+        typed = parse_job_spec(record.kind, record.spec)
+    except TuneserveError as exc:  # queued by another version of tuneserve: say so, now
+        jobs.mark_finished(job_id, JobStatus.failed, error=str(exc))
+        raise JobError(f"job {job_id}: {exc}") from exc
+    return run_job(jobs, job_id, lambda ctx: RUNNERS[record.kind](typed, settings, ctx))
 
 
 def rerun(jobs: JobStore, job_id: str, settings: Settings) -> JobRecord:

@@ -383,3 +383,82 @@ def test_cancel_from_another_machine_reaches_the_job_through_its_heartbeat(jobs,
     with pytest.raises(JobError, match="cancelled"):
         run_job(jobs, job_id, work)
     assert jobs.get(job_id).status is JobStatus.cancelled
+
+
+# -- queued jobs and workers (`--queue`, `tuneserve jobs worker`)
+
+
+def test_workers_on_two_machines_each_claim_a_different_job(new_store):
+    """Jobs queued for any worker are claimed once each, oldest first, by concurrent
+    workers on separate stores (machines); a job owned by its creator is never claimed."""
+    creator = JobStore(new_store())
+    owned = submit(creator, "merge", {"n": -1})  # run by its creator, not a worker
+    queued = [creator.create("merge", {"n": n}, for_any_worker=True) for n in range(8)]
+    workers = [JobStore(new_store()), JobStore(new_store())]
+    claimed: dict[int, list[str]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        while (job_id := workers[i].claim_next()) is not None:
+            claimed[i].append(job_id)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    every = claimed[0] + claimed[1]
+    assert sorted(every) == sorted(queued) and len(set(every)) == len(every), claimed
+    for i, ids in claimed.items():
+        for job_id in ids:
+            row = creator.store.query("SELECT status, owner FROM jobs WHERE id = ?", (job_id,))[0]
+            assert (row["status"], row["owner"]) == ("queued", str(workers[i].owner))
+        # Each worker took its share oldest first.
+        assert ids == [j for j in queued if j in ids]
+    assert creator.get(owned).status is JobStatus.queued
+    assert creator.store.query("SELECT owner FROM jobs WHERE id = ?", (owned,))[0]["owner"] == str(creator.owner)
+    # A claimed job is leased: its worker dying frees it for recover() like any owner's.
+    assert all(workers[0].claim_next() is None for _ in range(2))
+
+
+def test_export_queued_then_run_by_a_worker(adapters, tmp_path):
+    data_dir = tmp_path / "data"
+    out = tmp_path / "queued.gguf"
+    base = [sys.executable, "-m", "tuneserve.cli.main"]
+    settings = ["--data_dir", str(data_dir), *MODEL_ARGS]
+    queued = subprocess.run([*base, "export", str(adapters[0]), "--out", str(out), "--no-gate", "--queue", *settings],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert queued.returncode == 0, queued.stderr
+    job = json.loads(queued.stdout)
+    assert job["status"] == "queued" and not out.exists()
+
+    worker = subprocess.run([*base, "jobs", "worker", "--once", *settings],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr
+    lines = [json.loads(line) for line in worker.stdout.splitlines()]
+    assert [(line["id"], line["status"]) for line in lines] == [(job["id"], "succeeded")]
+    assert out.read_bytes()[:4] == b"GGUF"
+    # Nothing left: an idle --once worker exits at once, printing nothing.
+    idle = subprocess.run([*base, "jobs", "worker", "--once", *settings], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (idle.returncode, idle.stdout) == (0, "")
+
+
+def test_an_idle_worker_stops_on_sigterm(tmp_path):
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tuneserve.cli.main", "jobs", "worker", "--poll-interval", "0.2",
+         "--data_dir", str(tmp_path / "data"), *MODEL_ARGS],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "data" / "tuneserve.db").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # polling the empty queue
+        assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert out == ""

@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gate.add_argument("--min-token-agreement", type=float, help="[default: 0.90]")
     gate.add_argument("--gate-text", type=Path, help="held-out text file for perplexity")
     gate.add_argument("--gate-prompts", type=Path, help="file with one prompt per line for greedy agreement")
+    parser.add_argument(
+        "--queue", action="store_true",
+        help="only queue the job for `tuneserve jobs worker` (any machine sharing the database "
+        "and these paths); print it and exit",
+    )
     add_settings_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -82,10 +87,13 @@ def export_spec(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from merge.tasks import run_new
+    from merge.tasks import queue_new, run_new
 
     spec = export_spec(args)
     with open_jobs(args) as jobs:
-        record = run_new(jobs, "export", spec, settings_from_args(args))
+        if args.queue:
+            record = queue_new(jobs, "export", spec)
+        else:
+            record = run_new(jobs, "export", spec, settings_from_args(args))
     print(json.dumps({**record.summary(), "report": record.report}, indent=2))
     return 0

@@ -1,4 +1,8 @@
-"""`tuneserve jobs`: list, show, cancel and re-run merge/export jobs."""
+"""`tuneserve jobs`: list, show, cancel and re-run merge/export jobs; run queued ones.
+
+`tuneserve merge|export ... --queue` only queues a job; `tuneserve jobs worker`, on any
+machine that shares the database (and the job's paths), claims queued jobs one at a
+time (oldest first; concurrent workers never take the same one) and runs them."""
 
 from __future__ import annotations
 
@@ -21,8 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="one job with its log, outputs and report")
     cancel = actions.add_parser("cancel", help="cancel a queued or running job")
     rerun = actions.add_parser("rerun", help="run a finished job's spec again as a new job")
-    for action, handler in ((list_, run_list), (show, run_show), (cancel, run_cancel), (rerun, run_rerun)):
-        if action is not list_:
+    worker = actions.add_parser(
+        "worker", help="run queued jobs (merge/export --queue) as they come, one at a time",
+        description="Claims the oldest job queued with --queue, runs it, prints its summary as a "
+        "JSON line, and goes on; SIGTERM cancels the running job and stops. Workers on several "
+        "machines share the queue (store.url on PostgreSQL): each job runs once.",
+    )
+    worker.add_argument("--once", action="store_true", help="run the jobs queued now, then exit")
+    worker.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+                        help="seconds between looks at an empty queue [default: 2]")
+    for action, handler in ((list_, run_list), (show, run_show), (cancel, run_cancel), (rerun, run_rerun),
+                            (worker, run_worker)):
+        if action in (show, cancel, rerun):
             action.add_argument("job_id", metavar="ID")
         add_settings_arguments(action)
         action.set_defaults(handler=handler)
@@ -65,3 +79,43 @@ def run_rerun(args: argparse.Namespace) -> int:
     with open_jobs(args) as jobs:
         print(json.dumps(rerun(jobs, args.job_id, settings_from_args(args)).summary(), indent=2))
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Exit 0 once stopped or (--once) the queue is empty with every job succeeded; 1 if a
+    job failed (--once) or a SIGTERM interrupted one."""
+    import logging
+    import signal
+    import time
+
+    from merge.tasks import run_claimed
+    from tuneserve.jobs.runner import INTERRUPTED_BY_SIGTERM
+
+    if args.poll_interval <= 0:
+        raise SystemExit("tuneserve jobs worker: --poll-interval must be > 0")
+    settings = settings_from_args(args)
+    # Between jobs a SIGTERM stops the worker at the next look at the queue; during a
+    # job the runner's own handler takes it (a cancel, or the job fails as interrupted).
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    failed = 0
+    with open_jobs(args) as jobs:
+        while not stopping:
+            job_id = jobs.claim_next()
+            if job_id is None:
+                if args.once:
+                    break
+                time.sleep(args.poll_interval)
+                jobs.recover()  # a worker elsewhere that died holding a job frees it here too
+                continue
+            try:
+                record = run_claimed(jobs, job_id, settings)
+            except Exception:  # recorded on the job (JobError, or a bug in its work)
+                logging.getLogger("tuneserve.jobs").warning("job %s did not succeed", job_id, exc_info=True)
+                record = jobs.get(job_id)
+            print(json.dumps(record.summary()), flush=True)
+            if record.status.value != "succeeded":
+                failed += 1
+            if record.error == INTERRUPTED_BY_SIGTERM:
+                return 1
+    return 1 if failed and args.once else 0

@@ -24,18 +24,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shard-size", default="1B", help="largest output shard (mergekit out_shard_size) [default: 1B]"
     )
+    parser.add_argument(
+        "--queue", action="store_true",
+        help="only queue the job for `tuneserve jobs worker` (any machine sharing the database "
+        "and these paths); print it and exit",
+    )
     add_settings_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from merge.config import read_yaml
-    from merge.tasks import merge_spec, run_new
+    from merge.tasks import merge_spec, queue_new, run_new
 
     settings = settings_from_args(args)
     raw = read_yaml(args.merge_config)
     kind, spec = merge_spec(raw, str(args.merge_config), args.out, settings, args.shard_size)
     with open_jobs(args) as jobs:
-        record = run_new(jobs, kind, spec, settings)
+        record = queue_new(jobs, kind, spec) if args.queue else run_new(jobs, kind, spec, settings)
     print(json.dumps({**record.summary(), "report": record.report}, indent=2))
     return 0

@@ -18,6 +18,9 @@ from tuneserve.jobs.store import HEARTBEAT_S, JobCancelled, JobError, JobRecord,
 
 log = logging.getLogger(__name__)
 
+# The error of a job a SIGTERM ended without a cancel (a pod or service stopping).
+INTERRUPTED_BY_SIGTERM = "interrupted by SIGTERM; nothing was published"
+
 
 class _Signalled(BaseException):
     """Raised by the SIGTERM handler. A BaseException, like KeyboardInterrupt, so that
@@ -190,7 +193,7 @@ def _record_failure(jobs: JobStore, job_id: str, exc: BaseException, signalled: 
         jobs.mark_finished(job_id, JobStatus.cancelled, f"job {job_id} cancelled")
         raise JobError(f"job {job_id} cancelled; nothing was published") from None
     if signalled:
-        why = "interrupted by SIGTERM; nothing was published"
+        why = INTERRUPTED_BY_SIGTERM
         jobs.mark_finished(job_id, JobStatus.failed, why)
         raise JobError(f"job {job_id} {why}") from None
     if isinstance(exc, TuneserveError):

@@ -109,15 +109,36 @@ class JobStore:
 
     # ------------------------------------------------------------ records
 
-    def create(self, kind: str, spec: dict[str, Any]) -> str:
+    def create(self, kind: str, spec: dict[str, Any], for_any_worker: bool = False) -> str:
         """A queued job owned by this store's owner until it runs (recover() fails it
-        if the owner dies first)."""
+        if the owner dies first); with `for_any_worker`, owned by nobody until a worker
+        (`tuneserve jobs worker`, on any machine) claims it with claim_next()."""
         job_id = uuid.uuid4().hex[:12]
+        owner, lease = (None, None) if for_any_worker else (str(self.owner), lease_until())
         self.store.execute(
             "INSERT INTO jobs (id, kind, status, spec, created_at, owner, lease_expires_at) "
             "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-            (job_id, kind, json.dumps(spec), utc_now(), str(self.owner), lease_until()),
+            (job_id, kind, json.dumps(spec), utc_now(), owner, lease),
         )
+        return job_id
+
+    def claim_next(self) -> str | None:
+        """Take the oldest job queued for any worker: it becomes this owner's (leased, so
+        recover() fails it if this process dies before running it); None when none waits.
+        Concurrent workers each get a different job: on PostgreSQL the row one worker
+        holds is skipped by the others (SKIP LOCKED), not waited for."""
+        with self.store.transaction() as tx:
+            rows = tx.query(
+                "SELECT id FROM jobs WHERE status = 'queued' AND owner IS NULL "
+                f"ORDER BY created_at, id LIMIT 1{self.store.skip_locked}"
+            )
+            if not rows:
+                return None
+            job_id = str(rows[0]["id"])
+            tx.execute(
+                "UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id = ? AND status = 'queued' AND owner IS NULL",
+                (str(self.owner), lease_until(), job_id),
+            )
         return job_id
 
     def get(self, job_id: str) -> JobRecord:
