@@ -278,3 +278,15 @@ def test_the_plugin_registers_with_only_the_bucket(
         assert found is not None and Path(found.lora_path) == (tmp_path / "cache" / record.engine_name).resolve()
     finally:
         LoRAResolverRegistry.resolvers.pop(lora_resolver.RESOLVER_NAME, None)
+
+
+def test_a_new_cache_clears_what_a_killed_discard_left(s3_server: S3Server, tmp_path: Path) -> None:
+    """A discard renames the version away, then deletes it: a kill in between leaves a
+    `.trash-*` dir no one serves. The next process on the cache removes it; versions stay."""
+    cache_dir = tmp_path / "cache"
+    (cache_dir / ".trash-0123abcd" / "sub").mkdir(parents=True)
+    (cache_dir / ".trash-0123abcd" / "sub" / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    kept = cache_dir / "acme--support--v1--0123456789ab"
+    kept.mkdir()
+    cache_for(s3_server, cache_dir)
+    assert sorted(p.name for p in cache_dir.iterdir()) == [kept.name]

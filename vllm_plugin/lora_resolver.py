@@ -84,6 +84,7 @@ _VERSION = re.compile(r"v([1-9][0-9]{0,8})")
 _UID = re.compile(r"[0-9a-f]{12}")
 _HASH_CHUNK = 1 << 20
 _DOWNLOAD_PREFIX = ".download-"
+_TRASH_PREFIX = ".trash-"
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,11 @@ class ObjectStoreCache:
         self.root = root.resolve()
         self.base = base
         self._verified: dict[str, Path] = {}
+        # What a process killed in the middle of a discard left (renamed away, never
+        # served again). Another process may be removing its own at this moment: both
+        # removals tolerate the other.
+        for leftover in self.root.glob(f"{_TRASH_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def find(self, engine_name: str) -> Path | None:
         """The verified cached dir of `engine_name`, downloaded first if needed; None if
@@ -278,7 +284,7 @@ class ObjectStoreCache:
             shutil.rmtree(work, ignore_errors=True)
 
     def _discard(self, directory: Path) -> None:
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
             os.rename(directory, trash)  # one rename: other readers see all or nothing
         except OSError:
