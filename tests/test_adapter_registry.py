@@ -530,8 +530,9 @@ REJECTIONS: list[tuple[str, Build, dict[str, Any], str]] = [
     ("corrupt-header", in_dir(lambda a: _corrupt_header(a / "adapter_model.safetensors")), {}, "invalid_weights"),
     ("truncated-weights", in_dir(lambda a: os.truncate(a / "adapter_model.safetensors", 4096)), {}, "invalid_weights"),
     ("non-lora-tensor", in_dir(_add_lm_head), {}, "invalid_weights"),
+    # No engine applies DoRA's magnitudes: refused as DoRA (merge it), not left to the converter.
+    ("dora-config", in_dir(lambda a: edit_config(a, use_dora=True)), {}, "dora_not_servable"),
     # Passes validation, but the GGUF converter refuses it: nothing may be stored either.
-    ("dora-not-convertible", in_dir(lambda a: edit_config(a, use_dora=True)), {}, "conversion_failed"),
     ("alpha-zero-not-convertible", in_dir(lambda a: edit_config(a, lora_alpha=0)), {}, "conversion_failed"),
     ("too-many-files-dir", in_dir(lambda a: None), {"max_files": 2}, "too_many_files"),
     ("too-many-files-zip", lambda a, t: make_zip(a, t / "u.zip", top=None, extra=[(zipfile.ZipInfo(f"j{i}"), b"x") for i in range(5)]), {"max_files": 4}, "too_many_files"),
@@ -778,14 +779,21 @@ async def test_what_one_machine_publishes_the_other_finds_at_once(
     first = a.add("acme", "support", peft_adapter)
     assert b.get("acme", "support") == first.model_copy(update={"path": b.root / "acme" / "support" / "v1",
                                                                  "gguf_path": b.root / "acme" / "support" / "v1" / "adapter.gguf"})
-    assert (await b.aget("acme", "support")) == b.get("acme", "support")  # the gateway's async lookup
+    try:
+        assert (await b.aget("acme", "support")) == b.get("acme", "support")  # the gateway's async lookup
+    finally:
+        await b.aclose()  # its async pool belongs to this test's event loop
     assert [r.engine_name for r in b.list()] == [first.engine_name]
 
     second = b.add("acme", "support", peft_adapter)  # numbered after what the other machine stored
     assert second.version == 2 and a.get("acme", "support").engine_name == second.engine_name  # type: ignore[union-attr]
 
     a.remove("acme", "support")  # a never held v2's files: removing still works
-    assert b.get("acme", "support") is None and await b.aget("acme", "support") is None
+    assert b.get("acme", "support") is None
+    try:
+        assert await b.aget("acme", "support") is None
+    finally:
+        await b.aclose()
     assert b.add("acme", "support", peft_adapter).version == 3  # numbers stay used across machines
 
     # Neither machine wrote the file index: no pointer files, no lock file.

@@ -353,6 +353,11 @@ class AdapterRegistry:
                         found.setdefault(tenant, []).append(version_dir)
         return found
 
+    async def aclose(self) -> None:
+        """Release what aget() opened on the running event loop (a store of our own)."""
+        if self._owned_store is not None:
+            await self._owned_store.aclose()
+
     def close(self) -> None:
         if self._owned_store is not None:
             self._owned_store.close()
