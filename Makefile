@@ -67,6 +67,7 @@ bench: prepare
 	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/scale_out.py
+	$(BIN)/python benchmarks/training_memory.py
 	$(BIN)/python benchmarks/finetune_function_calling.py
 
 clean:

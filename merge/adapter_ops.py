@@ -5,9 +5,9 @@ Config (YAML, `tuneserve merge CONFIG.yaml --out DIR`):
 
     operation: merge_adapter          # base + adapter -> a full HF model
     base: data/models/smollm2-135m-instruct/hf
-    adapter: ./my-adapter
+    adapter: ./my-adapter             # LoRA, rsLoRA or DoRA (the way to serve a DoRA one)
 
-    operation: combine_adapters       # several adapters -> one adapter
+    operation: combine_adapters       # several LoRA adapters -> one adapter
     base: data/models/smollm2-135m-instruct/hf
     adapters:
       - {path: ./a, weight: 0.7}
@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merge.config import MergeConfigError
+from tuneserve.adapters.dora import is_dora_adapter, merge_advice
 from tuneserve.adapters.peft_format import ADAPTER_CONFIG, is_adapter_dir
 from tuneserve.fsutil import require_free_space, staged_dir
 from tuneserve.jobs.runner import JobContext
@@ -85,6 +86,16 @@ class CombineAdaptersOp(_Op):
     def _check(self) -> "CombineAdaptersOp":
         for i, adapter in enumerate(self.adapters):
             _check_adapter_dir(adapter.path, f"adapters[{i}].path")
+            if is_dora_adapter(adapter.path):
+                # Measured: weights [1, 0] of a DoRA adapter do not give it back; PEFT
+                # re-initialises the combined adapter's magnitudes from the base.
+                raise ValueError(
+                    f"adapters[{i}].path: {adapter.path} is a DoRA adapter, which combine_adapters cannot "
+                    "combine (PEFT's add_weighted_adapter drops its trained magnitude vectors) nor publish. "
+                    f"{merge_advice(str(adapter.path), str(self.base))}; to combine several, merge them as "
+                    "full models: a mergekit config whose models are BASE+ADAPTER (merge_method ties, "
+                    "linear, ...) folds each in first"
+                )
         if self.combination in ("ties", "dare_ties", "dare_linear") and self.density is None:
             raise ValueError(f"density: required by combination {self.combination}")
         if self.combination not in ("ties", "dare_ties", "dare_linear") and self.density is not None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneserve.adapters.dora import is_dora_adapter, merge_advice
 from tuneserve.adapters.peft_format import is_adapter_dir
 from tuneserve.errors import ConfigError
 from tuneserve.fsutil import owned_temp_dir, require_free_space
@@ -68,6 +69,11 @@ def validate_spec(spec: ExportSpec) -> SourceKind:
     if kind == "adapter":
         if spec.type is not None:
             raise ExportError("--type: an adapter is always exported as an f32 GGUF LoRA; drop --type")
+        if is_dora_adapter(spec.source):
+            raise ExportError(
+                f"source: {spec.source} is a DoRA adapter, which a GGUF LoRA cannot carry (llama.cpp "
+                f"does not apply its magnitude vectors). {merge_advice(str(spec.source), str(spec.base or 'BASE_DIR'))}"
+            )
         if spec.base is None or not (spec.base / "config.json").is_file():
             raise ExportError(f"--base: {spec.base} is not the adapter's HF base model dir")
         if spec.gate.enabled and (spec.base_gguf is None or not spec.base_gguf.is_file()):

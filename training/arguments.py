@@ -8,6 +8,30 @@ from training.config import TrainConfig
 from training.rundir import CHECKPOINT_DIR, run_dir
 from tuneserve.errors import ConfigError
 
+# bitsandbytes' paged optimizers -> what does the same unpaged, for a CPU host.
+UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch", "paged_lion_8bit": "lion_8bit"}
+
+
+def check_optimizer_host(config: TrainConfig) -> None:
+    """Refuse, before anything loads, an optimizer that needs CUDA on a host without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    name = config.optim.optimizer
+    if name in UNPAGED:
+        # On CPU bitsandbytes would only warn and run the unpaged optimizer under the paged name.
+        raise ConfigError(
+            f"optim.optimizer: {name} is a paged optimizer, which needs CUDA (it pages optimizer states "
+            f"out of GPU memory) and torch sees no CUDA device here; on CPU use {UNPAGED[name]}"
+        )
+    if config.method == "galore" and config.galore.optimizer == "adamw_8bit":
+        # galore-torch 1.0's GaLoreAdamW8bit calls torch.cuda.synchronize() in every step.
+        raise ConfigError(
+            "galore.optimizer: adamw_8bit (galore_adamw_8bit) needs CUDA and torch sees no CUDA device "
+            "here; on CPU use adamw or adafactor"
+        )
+
 
 def training_arguments(config: TrainConfig, has_eval: bool, args_class: type[Any] | None = None, **extra: Any) -> Any:
     """`args_class` is a TrainingArguments subclass (TRL's DPOConfig); `extra` its own fields."""
@@ -19,6 +43,7 @@ def training_arguments(config: TrainConfig, has_eval: bool, args_class: type[Any
     if early and not has_eval:
         raise ConfigError("run.early_stopping_patience: early stopping needs eval data (data.eval or data.eval_ratio > 0)")
     cls = args_class or TrainingArguments
+    extra.setdefault("optim", optim.optimizer)  # galore passes its own
     return cls(
         output_dir=str(run_dir(config) / CHECKPOINT_DIR),
         per_device_train_batch_size=optim.batch_size,
@@ -45,7 +70,6 @@ def training_arguments(config: TrainConfig, has_eval: bool, args_class: type[Any
         report_to="none",  # TensorBoard is added as a callback with our own log dir
         disable_tqdm=not run.progress_bar,
         use_cpu=not torch.cuda.is_available(),
-        optim="adamw_torch",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,

@@ -3,7 +3,8 @@
 Accepted lines (the format is told apart per line):
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
-  "tools": [...], "meta": {"lang": str, "kind": str}}`` (``tools`` and ``meta`` optional).
+  "tools": [...], "meta": {"lang": str, "kind": str, "split": str}}`` (``tools`` and ``meta``
+  optional; ``meta`` labels the line for eval's breakdowns, training ignores it).
   An assistant turn may carry OpenAI ``tool_calls`` (``content`` null or text;
   ``function.arguments`` a JSON string or an object); a ``tool`` turn is a tool's result,
   after an assistant turn that made a call (its ``tool_call_id``, if given, names one).
@@ -67,6 +68,7 @@ class Conversation:
     tools: list[ToolSpec] | None = None
     lang: str | None = None  # from an optional "meta": {"lang": ...}; eval scores by it
     kind: str | None = None  # from "meta": {"kind": ...} (the generator's: call, multi_step, no_fit)
+    split: str | None = None  # "meta": {"split": ...}: seen_tools, unseen_tools, no_call, multi_step
 
 
 @dataclass(frozen=True)
@@ -222,16 +224,19 @@ def _last_call_id(messages: Sequence[Message]) -> str:
     return next(m["tool_calls"][-1].id for m in reversed(messages) if m.get("tool_calls"))
 
 
-def _meta(meta: Any) -> tuple[str | None, str | None]:
-    """meta.lang and meta.kind, both optional."""
+def _meta(meta: Any) -> tuple[str | None, str | None, str | None]:
+    """meta.lang, meta.kind and meta.split, each optional (other meta keys are ignored)."""
     if meta is None:
-        return None, None
+        return None, None, None
     if not isinstance(meta, dict):
         raise _Problem("meta", "must be a JSON object")
-    kind = meta.get("kind")
-    if kind is not None and not (isinstance(kind, str) and kind.strip()):
-        raise _Problem("meta.kind", "must be a non-empty string")
-    return _lang(meta), kind
+    labels = []
+    for key in ("kind", "split"):
+        label = meta.get(key)
+        if label is not None and not (isinstance(label, str) and label.strip()):
+            raise _Problem(f"meta.{key}", "must be a non-empty string")
+        labels.append(label)
+    return _lang(meta), labels[0], labels[1]
 
 
 def _lang(meta: Any) -> str | None:

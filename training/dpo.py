@@ -3,101 +3,40 @@
 The SFT adapter is loaded as "default", which trains; TRL copies it to a frozen
 "ref" adapter, the reference policy. Only "default" is saved.
 
-Lines: {"prompt": str | [messages ending with a user or tool turn], "chosen": str |
-assistant message, "rejected": str | assistant message, "tools": [...]} (tools optional;
-the prompt may hold calls and tool results, an answer may be `tool_calls`; all rendered
-through the same tool format as SFT, eval and serving).
+Lines: see training/preference.py (shared with ORPO).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from pydantic import BaseModel
-
-from training import data as D
 from training.arguments import training_arguments
 from training.config import TrainConfig
 from training.method import BuiltTrainer
 from training.model import build_model
-
-
-class DpoDataSummary(BaseModel):
-    train_examples: int
-    eval_examples: int
-    truncated: int
-    truncated_examples: list[str]
-    max_length: int
-
-
-def _rows(tokenizer: Any, examples: list[D.Preference], max_length: int) -> tuple[list[dict[str, Any]], int, list[str]]:
-    rows, truncated, problems = [], 0, []
-    for ex in examples:
-        chat = D.render_chat(tokenizer, ex.prompt, ex.tools)
-        prompt_len = len(tokenizer(D.prompt_text(tokenizer, ex.prompt, ex.tools), add_special_tokens=False)["input_ids"])
-        if prompt_len >= max_length:
-            problems.append(f"{ex.where}: prompt: no trainable tokens within data.max_length={max_length} (the prompt alone has {prompt_len})")
-            continue
-        # Each answer as the format writes it: for the compact one a call becomes its JSON text.
-        answers = [D.render_chat(tokenizer, [*ex.prompt, a], ex.tools).messages[-1] for a in (ex.chosen, ex.rejected)]
-        longest = max(len(tokenizer(_answer_text(tokenizer, a), add_special_tokens=False)["input_ids"]) for a in answers)
-        truncated += prompt_len + longest + 2 > max_length  # +2: end-of-turn tokens
-        row: dict[str, Any] = {"prompt": chat.messages, "chosen": answers[:1], "rejected": answers[1:]}
-        if chat.tools:  # a template that renders tools itself; TRL passes a row's tools on
-            row["tools"] = json.dumps(chat.tools, ensure_ascii=False)  # one Arrow type for every schema
-        rows.append(row)
-    return rows, truncated, problems
-
-
-def _answer_text(tokenizer: Any, turn: dict[str, Any]) -> str:
-    calls = turn.get("tool_calls")
-    if not calls:
-        return turn.get("content") or ""
-    # A template that writes calls itself (Hermes) gets them as mappings; count their JSON.
-    return (turn.get("content") or "") + json.dumps([c.get("function", c) for c in calls], ensure_ascii=False)
+from training.preference import load_preference_rows
 
 
 def build_dpo_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTrainer:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    cfg = config.data
-    problems: list[str] = []
-    examples: dict[str, list[D.Preference]] = {}
-    for split, paths in (("train", cfg.train), ("eval", cfg.eval)):
-        examples[split], found = D.collect_examples(paths, preference=True)
-        problems += found
-    train_rows, train_cut, p1 = _rows(tokenizer, examples["train"], cfg.max_length)
-    eval_rows, eval_cut, p2 = _rows(tokenizer, examples["eval"], cfg.max_length)
-    problems += p1 + p2
-    if problems:
-        raise D.DataError(problems)
-    if not cfg.eval:
-        train_rows, eval_rows = D.split_eval(train_rows, cfg.eval_ratio, config.optim.seed)
-
+    rows = load_preference_rows(config, tokenizer)
     model = build_model(config, base)
     args = training_arguments(
         config,
-        bool(eval_rows),
+        bool(rows.eval),
         args_class=DPOConfig,
         beta=config.dpo.beta,
-        max_length=cfg.max_length,
+        max_length=config.data.max_length,
         gradient_checkpointing=False,  # set on the model already (training.model.load_base)
     )
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        train_dataset=Dataset.from_list(rows.train),
+        eval_dataset=Dataset.from_list(rows.eval) if rows.eval else None,
         processing_class=tokenizer,
     )
-    stats = DpoDataSummary(
-        train_examples=len(train_rows),
-        eval_examples=len(eval_rows),
-        truncated=train_cut + eval_cut,
-        truncated_examples=[],
-        max_length=cfg.max_length,
-    )
-    return BuiltTrainer(trainer, stats, [*cfg.train, *cfg.eval])
+    return BuiltTrainer(trainer, rows.summary, rows.files)

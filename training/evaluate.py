@@ -23,9 +23,14 @@ Scores (call metrics over the cases that expect a call):
 - no_call_accuracy: over the cases whose answer is text: the answer makes no call.
 
 Lines with "meta": {"lang": ...} are also scored per language, and by kind (`meta.kind`,
-else call / multi_step / no_fit told from the line).
+else call / multi_step / no_fit told from the line). Lines with "meta": {"split": ...}
+(the generator writes seen_tools, unseen_tools, no_call, multi_step) are scored per
+split too, and within each split per language (`by_split`): a tool the model never
+trained on, or a weak language, hides behind a good average.
 
-General perplexity (forgetting): token-weighted perplexity over a JSONL text set.
+Forgetting, two ways: general perplexity, token-weighted over a JSONL text set; and
+factual retention (training/retention.py): of short factual questions the base answers
+right, the share an adapter still answers right (`factual_retained`).
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training import data as D
+from training import retention as R
 from tuneserve.tool_calls.formats import ToolFormat
 from tuneserve.tool_calls.parse import ParsedOutput, parse_output
 from tuneserve.tool_calls.spec import ToolCall, ToolSpec
+
+SPLITS = ("seen_tools", "unseen_tools", "no_call", "multi_step")  # training/datagen/function_calling.py's
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class CallCase:
     lang: str | None = None
     kind: str | None = None  # call | multi_step | no_fit (meta.kind, or told from the line)
     content: str | None = None  # the expected text, when it is text
+    split: str | None = None  # meta.split: seen_tools | unseen_tools | no_call | multi_step
 
     @property
     def tool_names(self) -> list[str]:
@@ -92,9 +101,10 @@ def load_call_cases(path: Path, limit: int | None = None) -> list[CallCase]:
         kind = example.kind or ("call" if call else "multi_step" if any(m["role"] == "tool" for m in prompt) else "no_fit")
         if call is None:
             cases.append(CallCase(example.where, prompt, example.tools, None, {}, example.lang, kind,
-                                  example.messages[-1]["content"]))
+                                  example.messages[-1]["content"], example.split))
         else:
-            cases.append(CallCase(example.where, prompt, example.tools, call[0], call[1], example.lang, kind))
+            cases.append(CallCase(example.where, prompt, example.tools, call[0], call[1], example.lang, kind,
+                                  split=example.split))
     if problems:
         raise D.DataError(problems)
     return cases[:limit] if limit else cases
@@ -149,8 +159,9 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int
     import torch
 
     total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device  # a model in training may be on a GPU
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_length]
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_length].to(device)
         if ids.shape[1] < 2:
             continue
         with torch.no_grad():
@@ -205,17 +216,36 @@ def _score(cases: Sequence[CallCase], answers: Sequence[ParsedOutput]) -> dict[s
 
 
 def score_calls(cases: Sequence[CallCase], answers: Sequence[ParsedOutput]) -> dict[str, Any]:
-    """Scores over all cases, plus `by_language` and `by_kind` when cases carry them: a
-    small model's weak language (or kind) hides behind a good average."""
+    """Scores over all cases, plus `by_language`, `by_kind` and `by_split` (each split
+    also `by_language`) when cases carry them: a small model's weak language (or kind,
+    or the tools it never trained on) hides behind a good average."""
     scores = _score(cases, answers)
-    for key, attribute in (("by_language", "lang"), ("by_kind", "kind")):
-        groups = sorted({getattr(c, attribute) for c in cases if getattr(c, attribute)})
+    for key, attribute in (("by_language", "lang"), ("by_kind", "kind"), ("by_split", "split")):
+        groups = _grouped(cases, answers, attribute)
         if groups:
-            scores[key] = {}
-            for group in groups:
-                picked = [i for i, case in enumerate(cases) if getattr(case, attribute) == group]
-                scores[key][group] = _score([cases[i] for i in picked], [answers[i] for i in picked])
+            scores[key] = {group: _score(*picked) for group, picked in groups.items()}
+    for split, picked in _grouped(cases, answers, "split").items():
+        by_language = _grouped(*picked, "lang")
+        if by_language:
+            scores["by_split"][split]["by_language"] = {lang: _score(*p) for lang, p in by_language.items()}
     return scores
+
+
+def _grouped(
+    cases: Sequence[CallCase], answers: Sequence[ParsedOutput], attribute: str
+) -> dict[str, tuple[list[CallCase], list[ParsedOutput]]]:
+    """The cases (and their answers) per value of `attribute`, cases without one left out."""
+    groups: dict[str, tuple[list[CallCase], list[ParsedOutput]]] = {}
+    for case, answer in zip(cases, answers):
+        label = getattr(case, attribute)
+        if label:
+            picked = groups.setdefault(label, ([], []))
+            picked[0].append(case)
+            picked[1].append(answer)
+    if attribute == "split":  # the generator's splits in report order, then any others
+        order = {split: i for i, split in enumerate(SPLITS)}
+        return dict(sorted(groups.items(), key=lambda g: (order.get(g[0], len(SPLITS)), g[0])))
+    return dict(sorted(groups.items()))
 
 
 def _samples(cases: Sequence[CallCase], answers: Sequence[ParsedOutput], raw: Sequence[Any], keep: int) -> list[dict[str, Any]]:
@@ -223,6 +253,7 @@ def _samples(cases: Sequence[CallCase], answers: Sequence[ParsedOutput], raw: Se
         {
             "where": c.where,
             "kind": c.kind,
+            "split": c.split,
             "expected": {"name": c.name, "arguments": c.arguments} if c.name else {"content": c.content},
             "answer": r,
             "parsed": {"content": a.content, "tool_calls": [call.as_openai()["function"] for call in a.calls]},
@@ -239,8 +270,12 @@ def evaluate_model(
     max_new_tokens: int = 96,
     batch_size: int = 8,
     keep_answers: int = 20,
+    questions: Sequence[R.FactualQuestion] = (),
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
+    if questions:
+        replies = generate(model, tokenizer, R.prompts(tokenizer, questions), R.MAX_NEW_TOKENS, batch_size)
+        result["factual"] = R.score(questions, replies)
     if cases:
         prompts = [D.prompt_text(tokenizer, c.prompt, c.tools) for c in cases]
         raw = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -261,27 +296,41 @@ def evaluate(
     max_new_tokens: int = 96,
     batch_size: int = 8,
     include_base: bool = True,
+    factual: Path | None = None,
 ) -> dict[str, Any]:
-    """Base and each adapter side by side; adds perplexity change vs the base."""
+    """Base and each adapter side by side; adds perplexity change and factual retention vs the base."""
     from training.model import load_tokenizer
 
     tokenizer = load_tokenizer(base)
     cases = load_call_cases(function_calling, limit) if function_calling else []
     texts = load_texts(general) if general else []
+    questions = R.load_questions(factual) if factual else []
     models: dict[str, Any] = {}
     variants: list[tuple[str, Path | None]] = ([("base", None)] if include_base else []) + list(adapters.items())
     for name, adapter in variants:
         model = load_model(base, adapter)
-        models[name] = {"adapter": str(adapter) if adapter else None, **evaluate_model(model, tokenizer, cases, texts, max_new_tokens, batch_size)}
+        models[name] = {"adapter": str(adapter) if adapter else None, **evaluate_model(
+            model, tokenizer, cases, texts, max_new_tokens, batch_size, questions=questions)}
         del model
     base_ppl = models.get("base", {}).get("general_perplexity")
     for name, result in models.items():
         if name != "base" and base_ppl and result.get("general_perplexity") is not None:
             result["perplexity_change_pct"] = 100 * (result["general_perplexity"] / base_ppl - 1)
+    base_factual = models.get("base", {}).get("factual")
+    if questions and base_factual is None:  # --no-base: retention still needs the base's answers
+        model = load_model(base)
+        base_factual = evaluate_model(model, tokenizer, [], [], batch_size=batch_size, questions=questions)["factual"]
+        del model
+    for name, result in models.items():
+        if name != "base" and base_factual is not None:
+            result["factual"] |= R.retention(base_factual, result["factual"])
+            result["factual_retained"] = result["factual"]["retained"]
     return {
         "base_model": base,
         "function_calling_file": str(function_calling) if function_calling else None,
         "general_file": str(general) if general else None,
+        "factual_file": str(factual) if factual else None,
+        "factual_base_right": base_factual["right"] if base_factual else None,
         "models": models,
     }
 
@@ -350,6 +399,7 @@ def evaluate_gateway(
         "base_url": url,
         "function_calling_file": str(function_calling),
         "general_file": None,
+        "factual_file": None,
         "models": results,
     }
 
@@ -364,13 +414,19 @@ def format_table(results: dict[str, Any]) -> str:
         ("no_call", lambda n, r: _pct(r.get("function_calling", {}).get("no_call_accuracy"))),
         ("general_ppl", lambda n, r: f"{r['general_perplexity']:.3f}" if r.get("general_perplexity") else "-"),
         ("ppl_change", lambda n, r: f"{r['perplexity_change_pct']:+.2f}%" if "perplexity_change_pct" in r else "-"),
+        ("factual", lambda n, r: _pct(r["factual"]["accuracy"]) if "factual" in r else "-"),
+        ("factual_kept", lambda n, r: _pct(r.get("factual_retained"))),
     ]
     labelled = []
     for name, result in results["models"].items():
         labelled.append((name, result))
-        for group in ("by_language", "by_kind"):
-            for label, scores in result.get("function_calling", {}).get(group, {}).items():
+        fc = result.get("function_calling", {})
+        # Splits refine kinds (call: seen or unseen tools), so a file with splits shows those.
+        for group in ("by_language", "by_split" if "by_split" in fc else "by_kind"):
+            for label, scores in fc.get(group, {}).items():
                 labelled.append((f"  {name} [{label}]", {"function_calling": scores}))
+                for lang, by_lang in scores.get("by_language", {}).items() if group == "by_split" else ():
+                    labelled.append((f"  {name} [{label}/{lang}]", {"function_calling": by_lang}))
     rows = [[c[0] for c in columns]] + [[str(f(n, r)) for _, f in columns] for n, r in labelled]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

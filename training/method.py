@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from training.config import TrainConfig
+from training.report import HeldOutPerplexity
 
 
 class DataSummary(Protocol):
@@ -28,6 +29,10 @@ class BuiltTrainer:
     trainer: Any  # a transformers.Trainer; typed loosely so importing this needs no torch
     data: DataSummary
     files: list[Path]  # every data file read, for the report's hash
+    # After a completed run, on the trained model (cpt): the report's held_out_perplexity.
+    held_out_perplexity: Callable[[Any], HeldOutPerplexity] | None = None
+    # A full-parameter method (galore): the run writes the whole model to model/, not adapter/.
+    full_model: bool = False
 
 
 # (config, resolved base model, tokenizer) -> trainer. The data is validated before

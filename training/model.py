@@ -86,18 +86,26 @@ def peft_config(lora: LoraConfig) -> Any:
 
 
 def build_model(config: TrainConfig, base: str) -> Any:
-    """The base with a fresh LoRA adapter (sft) or the SFT adapter made trainable (dpo)."""
+    """The base with a fresh LoRA adapter, or the method's `sft_adapter` made trainable."""
     from peft import PeftModel, get_peft_model
 
     model = load_base(base, config.quantization, config.optim.gradient_checkpointing)
-    if config.method == "dpo":
-        assert config.dpo.sft_adapter is not None
-        sft = config.dpo.sft_adapter
+    start = start_adapter(config)
+    if start is not None:
+        key, sft = start
         if not is_adapter_dir(sft):
-            raise ConfigError(f"dpo.sft_adapter: {sft} is not a PEFT adapter dir (no adapter_config.json)")
-        # TRL's DPOTrainer copies this adapter to a frozen "ref" one: the reference policy.
+            raise ConfigError(f"{key}: {sft} is not a PEFT adapter dir (no adapter_config.json)")
+        # For dpo, TRL's DPOTrainer copies this adapter to a frozen "ref" one: the reference policy.
         return PeftModel.from_pretrained(model, str(sft), adapter_name="default", is_trainable=True)
     try:
         return get_peft_model(model, peft_config(config.lora))
     except ValueError as exc:  # e.g. target modules not found in the base
         raise ConfigError(f"lora.target_modules: {exc}") from exc
+
+
+def start_adapter(config: TrainConfig) -> tuple[str, Path] | None:
+    """(key, dir) of the adapter the method continues: its section's `sft_adapter`
+    (dpo.sft_adapter, required; orpo.sft_adapter, optional), or None for a fresh one."""
+    section = getattr(config, config.method, None)
+    path = getattr(section, "sft_adapter", None)
+    return (f"{config.method}.sft_adapter", Path(path)) if path is not None else None

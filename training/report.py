@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from training.config import TrainConfig
 from tuneserve.adapters.registry import AdapterRecord
@@ -29,6 +29,25 @@ class EvalPoint(BaseModel):
     eval_perplexity: float | None  # None where the method's Trainer does not compute it (DPO)
 
 
+class RewardPoint(BaseModel):
+    """GRPO: the mean reward of one logged step's completions, and each reward function's mean."""
+
+    step: int
+    reward: float | None  # the weighted sum (grpo.reward_weights) of the functions that applied
+    reward_std: float | None
+    rewards: dict[str, float | None]  # by function name: those that applied to a completion of the step
+
+
+class HeldOutPerplexity(BaseModel):
+    """Token-weighted perplexity on held-out text of the training domain (data.eval, or the
+    data.eval_ratio split), of the base (the adapter disabled) and of the adapter."""
+
+    texts: int
+    base: float
+    adapter: float
+    change_pct: float  # adapter against base; negative: the adapter predicts the domain better
+
+
 class TrainingReport(BaseModel):
     status: Literal["completed", "interrupted"]
     method: str
@@ -43,8 +62,10 @@ class TrainingReport(BaseModel):
     epochs: float | None
     loss_curve: list[LossPoint]
     eval_curve: list[EvalPoint]
+    reward_curve: list[RewardPoint] = Field(default_factory=list)  # grpo's; empty for methods that do not sample
     eval_loss: float | None
     eval_perplexity: float | None
+    held_out_perplexity: HeldOutPerplexity | None = None  # cpt; None for the other methods
     best_checkpoint: str | None
     wall_time_s: float  # of this session: a resumed run's tokens/s are its own
     total_time_s: float
@@ -53,7 +74,8 @@ class TrainingReport(BaseModel):
     peak_rss_bytes: int
     peak_gpu_bytes: int | None
     threads: int
-    adapter_dir: Path
+    adapter_dir: Path | None  # None when the method trains the whole model (galore): see model_dir
+    model_dir: Path | None = None  # galore: the whole trained model, an HF model dir
     published: AdapterRecord | None = None
 
     @property
@@ -81,4 +103,23 @@ def eval_curve(log_history: list[dict[str, Any]]) -> list[EvalPoint]:
     return [
         EvalPoint(step=e["step"], eval_loss=e["eval_loss"], eval_perplexity=e.get("eval_perplexity"))
         for e in log_history if "eval_loss" in e
+    ]
+
+
+_REWARD_PREFIX, _REWARD_SUFFIX = "rewards/", "/mean"
+
+
+def reward_curve(log_history: list[dict[str, Any]]) -> list[RewardPoint]:
+    """From TRL's GRPO logs: `reward`, `reward_std` and `rewards/<function>/mean` per logged step."""
+    return [
+        RewardPoint(
+            step=e["step"],
+            reward=e["reward"],
+            reward_std=e.get("reward_std"),
+            rewards={
+                k[len(_REWARD_PREFIX) : -len(_REWARD_SUFFIX)]: v
+                for k, v in e.items() if k.startswith(_REWARD_PREFIX) and k.endswith(_REWARD_SUFFIX)
+            },
+        )
+        for e in log_history if "reward" in e
     ]

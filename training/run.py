@@ -9,13 +9,18 @@ import time
 from pathlib import Path
 
 from training import data as D
+from training.arguments import check_optimizer_host
 from training.callbacks import add_run_callbacks
 from training.config import TrainConfig
+from training.cpt import build_cpt_trainer
 from training.dpo import build_dpo_trainer
+from training.galore import build_galore_trainer, save_full_model
+from training.grpo import build_grpo_trainer
 from training.method import Builder, DataSummary
 from training.model import load_tokenizer, resolve_base
-from training.report import TrainingReport, eval_curve, loss_curve
-from training.rundir import ADAPTER_DIR, REPORT_FILE, TENSORBOARD_DIR, check_output_dir, run_dir
+from training.orpo import build_orpo_trainer
+from training.report import TrainingReport, eval_curve, loss_curve, reward_curve
+from training.rundir import ADAPTER_DIR, MODEL_DIR, REPORT_FILE, TENSORBOARD_DIR, check_output_dir, run_dir
 from training.sft import build_sft_trainer
 from tuneserve.adapters.registry import AdapterRecord, AdapterRegistry
 from tuneserve.config import Settings
@@ -24,15 +29,18 @@ from tuneserve.fsutil import staged_dir
 logger = logging.getLogger("tuneserve.train")
 
 # The keys are TrainConfig.method's choices (tests/test_training.py holds them equal).
-METHODS: dict[str, Builder] = {"sft": build_sft_trainer, "dpo": build_dpo_trainer}
+METHODS: dict[str, Builder] = {"sft": build_sft_trainer, "dpo": build_dpo_trainer, "grpo": build_grpo_trainer,
+                             "orpo": build_orpo_trainer, "cpt": build_cpt_trainer,
+                             "galore": build_galore_trainer}
 
 
 def run_training(config: TrainConfig, settings: Settings) -> TrainingReport:
-    """Train per `config`; write the adapter and report; publish when asked."""
+    """Train per `config`; write the adapter (a full-model method: the model) and report; publish when asked."""
     import torch
 
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    check_optimizer_host(config)
     out = run_dir(config)
     resume_from = check_output_dir(config)
     base = resolve_base(config.base_model, settings)
@@ -54,10 +62,19 @@ def run_training(config: TrainConfig, settings: Settings) -> TrainingReport:
     final_eval: dict[str, float] = {}
     if trainer.eval_dataset is not None and not interrupted:
         final_eval = trainer.evaluate()
-    adapter_dir = out / ADAPTER_DIR
-    with staged_dir(adapter_dir) as staged:
-        # Only the trained adapter: a DPO run also holds the frozen reference ("ref").
-        trainer.model.save_pretrained(str(staged), selected_adapters=["default"])
+    written = out / (MODEL_DIR if built.full_model else ADAPTER_DIR)
+    with staged_dir(written) as staged:
+        if built.full_model:
+            save_full_model(trainer, staged)
+        else:
+            # Only the trained adapter: a DPO run also holds the frozen reference ("ref").
+            trainer.model.save_pretrained(str(staged), selected_adapters=["default"])
+    adapter_dir, model_dir = (None, written) if built.full_model else (written, None)
+    held_out = None
+    if built.held_out_perplexity is not None and not interrupted:
+        held_out = built.held_out_perplexity(trainer.model)
+        logger.info("held-out perplexity on %d text(s): base %.3f, adapter %.3f (%+.1f%%)",
+                    held_out.texts, held_out.base, held_out.adapter, held_out.change_pct)
     state = trainer.state
     tokens = state.num_input_tokens_seen - callbacks.progress.start_tokens
     report = TrainingReport(
@@ -77,8 +94,10 @@ def run_training(config: TrainConfig, settings: Settings) -> TrainingReport:
         epochs=state.epoch,
         loss_curve=loss_curve(state.log_history),
         eval_curve=eval_curve(state.log_history),
+        reward_curve=reward_curve(state.log_history),
         eval_loss=final_eval.get("eval_loss"),
         eval_perplexity=final_eval.get("eval_perplexity"),
+        held_out_perplexity=held_out,
         best_checkpoint=state.best_model_checkpoint,
         wall_time_s=round(wall, 2),
         total_time_s=round(time.monotonic() - started, 2),
@@ -88,9 +107,11 @@ def run_training(config: TrainConfig, settings: Settings) -> TrainingReport:
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         threads=torch.get_num_threads(),
         adapter_dir=adapter_dir,
+        model_dir=model_dir,
     )
     target = config.publish_target()
     if target and not interrupted:
+        assert adapter_dir is not None  # config refuses publish for a full-model method
         report.published = _publish(settings, target, adapter_dir)
     report.write(out / REPORT_FILE)
     return report

@@ -1,6 +1,7 @@
 """The run dir (`output_dir`) of a training job, and whether a run may use it.
 
     adapter/               the PEFT adapter (adapter_config.json, adapter_model.safetensors)
+    model/                 instead of adapter/ for full-parameter methods (galore): a whole HF model dir
     checkpoints/           checkpoint-<step>/ for --resume (optimizer, scheduler, RNG, data position)
     tensorboard/           TensorBoard event files
     training_report.json   config, data hash, base, steps, curves, perplexity, speed, memory
@@ -15,6 +16,7 @@ from tuneserve.errors import ConfigError
 
 REPORT_FILE = "training_report.json"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 

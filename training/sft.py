@@ -94,7 +94,7 @@ def prepare_sft_data(config: TrainConfig, tokenizer: Any) -> Prepared:
         train, evaluation = D.split_eval(train, cfg.eval_ratio, config.optim.seed)
     task_examples = len(train)
     train = mix_replay(train, replay, config.replay.ratio, config.optim.seed)
-    sequences = D.pack(train, cfg.max_length) if cfg.packing else train
+    sequences = D.pack(train, cfg.max_length) if config.packing_on() else train
     files = [*cfg.train, *cfg.eval, *([config.replay.path] if config.replay.path else [])]
     stats = SftDataSummary(
         train_examples=task_examples,
@@ -107,7 +107,7 @@ def prepare_sft_data(config: TrainConfig, tokenizer: Any) -> Prepared:
         tokens=train_stats.tokens + replay_stats.tokens,
         trainable_tokens=train_stats.trainable_tokens + replay_stats.trainable_tokens,
         max_length=cfg.max_length,
-        packing=cfg.packing,
+        packing=config.packing_on(),
         assistant_only_loss=cfg.assistant_only_loss,
     )
     return Prepared(
@@ -119,7 +119,7 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def _trainer_class() -> Any:
+def perplexity_trainer_class() -> Any:
     from transformers import Trainer
 
     class PerplexityTrainer(Trainer):
@@ -133,11 +133,9 @@ def _trainer_class() -> Any:
     return PerplexityTrainer
 
 
-def build_sft_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTrainer:
-    prepared = prepare_sft_data(config, tokenizer)
-    model = build_model(config, base)
-    args = training_arguments(config, prepared.eval is not None)
-    trainer = _trainer_class()(
+def sft_trainer(model: Any, args: Any, prepared: Prepared, tokenizer: Any) -> Any:
+    """The Trainer of token-level training on prepared SFT data (sft, and galore's full model)."""
+    return perplexity_trainer_class()(
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -145,4 +143,10 @@ def build_sft_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTr
         data_collator=D.PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
+
+
+def build_sft_trainer(config: TrainConfig, base: str, tokenizer: Any) -> BuiltTrainer:
+    prepared = prepare_sft_data(config, tokenizer)
+    model = build_model(config, base)
+    trainer = sft_trainer(model, training_arguments(config, prepared.eval is not None), prepared, tokenizer)
     return BuiltTrainer(trainer, prepared.stats, prepared.files)

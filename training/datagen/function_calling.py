@@ -1,10 +1,12 @@
-"""Synthetic function-calling data in English and Korean, split by template.
+"""Synthetic function-calling data in English and Korean, split by template and by tool.
 
 Each tool has typed arguments (JSON schema) and phrasings ("templates") in both
-languages. Every third phrasing of each tool and language goes to the test split
-only, so a test request never reuses a phrasing seen in training: the split
-measures whether the model learned the task, not the sentences. Three kinds of
-example (`meta.kind`), all in OpenAI's chat shape:
+languages. Every third phrasing of each training tool (`TOOLS`) and language goes to
+the test split only, so a test request never reuses a phrasing seen in training: the
+split measures whether the model learned the task, not the sentences. The tools of
+`UNSEEN_TOOLS` never appear in training at all (not even among the offered tools); in
+the test split (`--unseen-tools`, 20% from the command line) the model has only their
+schema in the prompt. Three kinds of example (`meta.kind`), all in OpenAI's chat shape:
 
 - `call`: the right tool among `offered` tools (the others drawn at random); the
   answer is an assistant turn with `tool_calls` (rendered per base model by
@@ -14,6 +16,10 @@ example (`meta.kind`), all in OpenAI's chat shape:
 - `no_fit` (`--no-fit`, 12% by default): no offered tool fits the request (another
   tool's request with that tool left out, or a general question), and the answer is
   text, not a call.
+
+Each line's `meta.split` names what it measures: `seen_tools` (a training tool, a
+phrasing of the line's split), `unseen_tools` (a held-out tool, test only), `no_call`
+(the no-fit kind) or `multi_step`; `meta.lang` its language. Training ignores `meta`.
 
     python -m training.datagen.function_calling --out data/fc --train 600 --test 150
 """
@@ -429,6 +435,99 @@ TOOLS: list[Tool] = [
 ]
 
 
+# Tools held out of training entirely: they appear only in the test split, where the
+# model has nothing but their schema in the prompt to go on (split "unseen_tools"). Each
+# does a job no training tool does, so a training tool offered beside one never also fits.
+UNSEEN_TOOLS: list[Tool] = [
+    Tool(
+        "track_package", "Where a parcel is now, by its tracking number.",
+        {"tracking_number": {"type": "string"}, "carrier": {"type": "string", "enum": ["ups", "fedex", "dhl"]}},
+        ["tracking_number"],
+        {"tracking_number": {"*": ["1Z84A20931", "TRK-552019", "77491203385", "JD014600006", "PKG-20931"]}},
+        [
+            _t("en", "Where is my package {tracking_number}?"),
+            _t("en", "Track parcel {tracking_number}."),
+            _t("en", "Has my DHL shipment {tracking_number} arrived yet?", carrier="dhl"),
+            _t("en", "What's the status of UPS delivery {tracking_number}?", carrier="ups"),
+            _t("en", "Check on FedEx package {tracking_number} for me.", carrier="fedex"),
+            _t("en", "Where's the parcel with tracking number {tracking_number}?"),
+            _t("ko", "{tracking_number} 택배 어디쯤 왔어?"),
+            _t("ko", "운송장 번호 {tracking_number} 배송 조회해줘."),
+            _t("ko", "DHL {tracking_number} 소포 도착했어?", carrier="dhl"),
+            _t("ko", "UPS {tracking_number} 배송 상태 알려줘.", carrier="ups"),
+            _t("ko", "페덱스 {tracking_number} 택배 위치 확인해줘.", carrier="fedex"),
+            _t("ko", "{tracking_number} 소포 지금 어디 있어?"),
+        ],
+    ),
+    Tool(
+        "book_hotel", "Book a hotel room in a city from a check-in date (YYYY-MM-DD) for a number of nights.",
+        {"city": {"type": "string"}, "check_in": {"type": "string"}, "nights": {"type": "integer"}},
+        ["city", "check_in", "nights"],
+        {"city": CITIES, "check_in": {"*": ["2026-12-03", "2026-12-24", "2027-01-15", "2027-02-01", "2027-03-10"]},
+         "nights": {"*": [1, 2, 3, 4, 5, 7]}},
+        [
+            _t("en", "Book a hotel in {city} from {check_in} for {nights} nights."),
+            _t("en", "I need a room in {city} for {nights} nights, checking in {check_in}."),
+            _t("en", "Reserve a hotel room in {city}, {nights} nights starting {check_in}."),
+            _t("en", "Find me a place to stay in {city} on {check_in} for one night.", nights=1),
+            _t("en", "Get me a hotel in {city}: check-in {check_in}, {nights} nights."),
+            _t("en", "Can you book {nights} nights at a hotel in {city} from {check_in}?"),
+            _t("ko", "{check_in}부터 {city}에 {nights}박 호텔 예약해줘."),
+            _t("ko", "{city} 호텔 {check_in} 체크인으로 {nights}박 잡아줘."),
+            _t("ko", "{city}에서 {check_in}에 하룻밤 묵을 호텔 예약해줘.", nights=1),
+            _t("ko", "{check_in} {city} 숙소 {nights}박 예약 부탁해."),
+            _t("ko", "{city}에 {nights}박, {check_in} 체크인 호텔 방 잡아줘."),
+            _t("ko", "{city} 호텔 방 {check_in}부터 {nights}일 밤 예약해."),
+        ],
+    ),
+    Tool(
+        "get_news", "Latest news headlines on a topic.",
+        {"topic": {"type": "string"}, "limit": {"type": "integer"}},
+        ["topic"],
+        {"topic": {"en": ["technology", "football", "climate", "elections", "space"],
+                   "ko": ["경제", "축구", "우주", "선거", "과학"]},
+         "limit": {"*": [3, 5, 10]}},
+        [
+            _t("en", "What's the latest news about {topic}?"),
+            _t("en", "Give me {limit} headlines on {topic}."),
+            _t("en", "Any news on {topic} today?"),
+            _t("en", "Show me the top {limit} {topic} stories."),
+            _t("en", "What's happening in {topic}?"),
+            _t("en", "Catch me up on {topic} news."),
+            _t("ko", "{topic} 최신 뉴스 알려줘."),
+            _t("ko", "{topic} 관련 헤드라인 {limit}개 보여줘."),
+            _t("ko", "오늘 {topic} 소식 있어?"),
+            _t("ko", "{topic} 뉴스 {limit}개만 골라줘."),
+            _t("ko", "요즘 {topic} 쪽 뉴스 뭐 있어?"),
+            _t("ko", "{topic} 기사 좀 찾아줘."),
+        ],
+    ),
+    Tool(
+        "set_lights", "Turn the lights in a room on or off, optionally at a brightness from 0 to 100.",
+        {"room": {"type": "string"}, "on": {"type": "boolean"}, "brightness": {"type": "integer"}},
+        ["room", "on"],
+        {"room": {"en": ["bedroom", "living room", "kitchen", "office"], "ko": ["거실", "안방", "부엌", "서재"]},
+         "brightness": {"*": [20, 40, 50, 75, 100]}},
+        [
+            _t("en", "Turn on the lights in the {room}.", on=True),
+            _t("en", "Switch off the {room} lights.", on=False),
+            _t("en", "Dim the {room} lights to {brightness} percent.", on=True),
+            _t("en", "Lights off in the {room}, please.", on=False),
+            _t("en", "Set the {room} lights to {brightness}% brightness.", on=True),
+            _t("en", "It's dark in the {room}, put the lights on.", on=True),
+            _t("ko", "{room} 불 켜줘.", on=True),
+            _t("ko", "{room} 조명 꺼줘.", on=False),
+            _t("ko", "{room} 조명 밝기 {brightness}%로 해줘.", on=True),
+            _t("ko", "{room} 불 좀 꺼.", on=False),
+            _t("ko", "{room} 전등 {brightness}퍼센트로 켜줘.", on=True),
+            _t("ko", "{room} 너무 어두워, 불 켜줘.", on=True),
+        ],
+    ),
+]
+CATALOGUE: list[Tool] = TOOLS + UNSEEN_TOOLS  # every tool; TOOLS are the ones training sees
+UNSEEN_NAMES = frozenset(t.name for t in UNSEEN_TOOLS)
+
+
 # ---------------------------------------------------------------- multi-step and no-fit data
 
 # What each tool does, for the no-fit answer ("none of the tools I have can ...").
@@ -583,7 +682,10 @@ OUTCOMES: dict[str, Callable[[dict[str, Any], random.Random], Outcome]] = {
 
 
 def split_templates(tool: Tool, split: str) -> list[Template]:
-    """Every third phrasing of each language is test-only; the rest train."""
+    """Every third phrasing of each language is test-only; the rest train. A held-out
+    tool (UNSEEN_TOOLS) has every phrasing in test and none in train."""
+    if tool.name in UNSEEN_NAMES:
+        return list(tool.templates) if split == "test" else []
     chosen = []
     for lang in ("en", "ko"):
         of_lang = [t for t in tool.templates if t.lang == lang]
@@ -610,11 +712,13 @@ def _arguments(tool: Tool, template: Template, rng: random.Random) -> tuple[dict
     return values, arguments
 
 
-def _offer(tool: Tool | None, rng: random.Random, offered: int, leave_out: str | None = None) -> list[dict[str, Any]]:
-    """`offered` tool specs in random order: `tool` among them, `leave_out` never."""
-    others = [t for t in TOOLS if tool is None or t.name != tool.name]
+def _offer(
+    tool: Tool | None, rng: random.Random, offered: int, leave_out: str | None = None, pool: Sequence[Tool] = TOOLS
+) -> list[dict[str, Any]]:
+    """`offered` tool specs from `pool` in random order: `tool` among them, `leave_out` never."""
+    others = [t for t in pool if tool is None or t.name != tool.name]
     others = [t for t in others if t.name != leave_out]
-    count = min(offered, len(TOOLS) - (leave_out is not None)) - (tool is not None)
+    count = min(offered, len(pool) - (leave_out is not None)) - (tool is not None)
     tools = ([tool] if tool else []) + rng.sample(others, count)
     rng.shuffle(tools)
     return [t.spec() for t in tools]
@@ -631,12 +735,16 @@ def call_turn(name: str, arguments: Mapping[str, Any], call_id: str = "call_0") 
 
 
 def make_example(tool: Tool, template: Template, rng: random.Random, offered: int) -> dict[str, Any]:
+    """One call. A held-out tool is offered among others from the whole catalogue, so the
+    training tools beside it are ones the model was taught to call."""
+    unseen = tool.name in UNSEEN_NAMES
     values, arguments = _arguments(tool, template, rng)
-    tools = _offer(tool, rng, offered)
+    tools = _offer(tool, rng, offered, pool=CATALOGUE if unseen else TOOLS)
     return {
         "messages": [{"role": "user", "content": template.text.format(**values)}, call_turn(tool.name, arguments)],
         "tools": tools,
-        "meta": {"lang": template.lang, "template": template.text, "kind": "call"},
+        "meta": {"lang": template.lang, "template": template.text, "kind": "call",
+                 "split": "unseen_tools" if unseen else "seen_tools"},
     }
 
 
@@ -653,7 +761,7 @@ def make_multi_step(tool: Tool, template: Template, rng: random.Random, offered:
             {"role": "assistant", "content": answers[template.lang]},
         ],
         "tools": tools,
-        "meta": {"lang": template.lang, "template": template.text, "kind": "multi_step"},
+        "meta": {"lang": template.lang, "template": template.text, "kind": "multi_step", "split": "multi_step"},
     }
 
 
@@ -679,24 +787,31 @@ def make_no_fit(index: int, split: str, rng: random.Random, offered: int) -> dic
     return {
         "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
         "tools": tools,
-        "meta": {"lang": lang, "template": text, "kind": "no_fit"},
+        "meta": {"lang": lang, "template": text, "kind": "no_fit", "split": "no_call"},
     }
 
 
 MULTI_STEP, NO_FIT = 0.12, 0.12  # default shares of the two extra kinds
+# The command line's share of held-out-tool lines in the test split. generate() and
+# write_dataset() default to none, so their callers get the data they always did.
+UNSEEN_SHARE = 0.2
 
 
 def generate(
-    split: str, n: int, seed: int = 0, offered: int = 4, multi_step: float = MULTI_STEP, no_fit: float = NO_FIT
+    split: str, n: int, seed: int = 0, offered: int = 4, multi_step: float = MULTI_STEP, no_fit: float = NO_FIT,
+    unseen_tools: float = 0.0,
 ) -> list[dict[str, Any]]:
     """`n` examples: round(n * multi_step) multi-step ones, round(n * no_fit) no-fit ones,
-    the rest single calls; each kind balanced over tools, the same for a given seed."""
-    if multi_step < 0 or no_fit < 0 or multi_step + no_fit > 1:
-        raise ValueError("multi_step and no_fit are shares: each >= 0, together <= 1")
+    in the test split round(n * unseen_tools) calls of held-out tools (UNSEEN_TOOLS; the
+    train split never has them), the rest single calls of training tools; each kind
+    balanced over tools, the same for a given seed."""
+    if min(multi_step, no_fit, unseen_tools) < 0 or multi_step + no_fit + unseen_tools > 1:
+        raise ValueError("multi_step, no_fit and unseen_tools are shares: each >= 0, together <= 1")
     rng = random.Random(f"{seed}-{split}")
     n_multi, n_no_fit = round(n * multi_step), round(n * no_fit)
+    n_unseen = round(n * unseen_tools) if split == "test" else 0
     examples = []
-    for i in range(n - n_multi - n_no_fit):
+    for i in range(n - n_multi - n_no_fit - n_unseen):
         tool = TOOLS[i % len(TOOLS)]  # balanced over tools
         examples.append(make_example(tool, rng.choice(split_templates(tool, split)), rng, offered))
     with_outcome = [t for t in TOOLS if t.name in OUTCOMES]
@@ -705,6 +820,10 @@ def generate(
         examples.append(make_multi_step(tool, rng.choice(split_templates(tool, split)), rng, offered))
     for i in range(n_no_fit):
         examples.append(make_no_fit(i, split, rng, offered))
+    for i in range(n_unseen):  # drawn last: without them the other lines are what they always were
+        tool, lang = UNSEEN_TOOLS[i % len(UNSEEN_TOOLS)], ("en", "ko")[i // len(UNSEEN_TOOLS) % 2]
+        templates = [t for t in split_templates(tool, split) if t.lang == lang]  # both languages, evenly
+        examples.append(make_example(tool, rng.choice(templates), rng, offered))
     rng.shuffle(examples)
     return examples
 
@@ -727,7 +846,7 @@ def preference_pairs(examples: list[dict[str, Any]], seed: int = 0) -> list[dict
             rejected = call_turn(fn["name"], json.loads(fn["arguments"]), "call_1")
         else:
             picked = rng.choice(names)
-            tool = next(t for t in TOOLS if t.name == picked)
+            tool = next(t for t in CATALOGUE if t.name == picked)
             template = rng.choice(tool.templates)
             rejected = call_turn(tool.name, _arguments(tool, template, rng)[1])
         pairs.append({"prompt": example["messages"][:-1], "chosen": answer, "rejected": rejected, "tools": example["tools"]})
@@ -743,11 +862,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_dataset(
     out: Path, n_train: int, n_test: int, seed: int = 0, offered: int = 4,
-    multi_step: float = MULTI_STEP, no_fit: float = NO_FIT,
+    multi_step: float = MULTI_STEP, no_fit: float = NO_FIT, unseen_tools: float = 0.0,
 ) -> dict[str, Path]:
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     write_jsonl(paths["train"], generate("train", n_train, seed, offered, multi_step, no_fit))
-    write_jsonl(paths["test"], generate("test", n_test, seed, offered, multi_step, no_fit))
+    write_jsonl(paths["test"], generate("test", n_test, seed, offered, multi_step, no_fit, unseen_tools))
     return paths
 
 
@@ -763,10 +882,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"share of call, tool result, text answer examples [default: {MULTI_STEP}]")
     parser.add_argument("--no-fit", type=float, default=NO_FIT,
                         help=f"share of examples no offered tool fits (answer: text) [default: {NO_FIT}]")
+    parser.add_argument("--unseen-tools", type=float, default=UNSEEN_SHARE,
+                        help="share of test examples that call a tool training never sees, "
+                        f"only its schema in the prompt [default: {UNSEEN_SHARE}]")
     args = parser.parse_args(argv)
-    if args.multi_step < 0 or args.no_fit < 0 or args.multi_step + args.no_fit > 1:
-        parser.error("--multi-step and --no-fit are shares: each >= 0, together <= 1")
-    paths = write_dataset(args.out, args.train, args.test, args.seed, args.offered, args.multi_step, args.no_fit)
+    shares = (args.multi_step, args.no_fit, args.unseen_tools)
+    if min(shares) < 0 or sum(shares) > 1:
+        parser.error("--multi-step, --no-fit and --unseen-tools are shares: each >= 0, together <= 1")
+    paths = write_dataset(args.out, args.train, args.test, args.seed, args.offered, args.multi_step, args.no_fit,
+                          args.unseen_tools)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

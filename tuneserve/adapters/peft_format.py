@@ -145,6 +145,8 @@ class PeftLoraConfig(BaseModel):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     use_rslora: bool = False
+    # Read so that a DoRA adapter is refused as such (see dora.py), not as odd tensors.
+    use_dora: bool = False
 
 
 def read_config_json(adapter_dir: Path) -> dict[str, Any]:

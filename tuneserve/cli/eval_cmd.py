@@ -1,5 +1,6 @@
-"""`tuneserve eval`: function-calling accuracy and general perplexity, base vs adapters, in
-process or (function calling) through a running gateway."""
+"""`tuneserve eval`: function-calling accuracy (per language and split), general perplexity
+and factual retention, base vs adapters, in process or (function calling) through a
+running gateway."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from tuneserve.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "eval",
-        help="evaluate a base model and adapters (function calling, general perplexity)",
+        help="evaluate a base model and adapters (function calling, general perplexity, factual retention)",
         description="Score the base model and each adapter side by side: tool-name accuracy, "
         "per-argument exact match, call parse rate and no-call accuracy (text where no tool fits, "
-        "the answer after a tool result) on a function-calling JSONL test set, and perplexity on a "
-        "general text set (forgetting). With --base-url the same cases are answered by a running "
-        "gateway over the OpenAI API (tools, tool_choice auto, temperature 0) and scored the same way, "
+        "the answer after a tool result) on a function-calling JSONL test set, per language and, where "
+        "lines carry meta.split, per split (seen tools in unseen phrasings, unseen tools, no call, multi "
+        "step); perplexity on a general text set and, on short factual questions the base answers right, "
+        "the share an adapter still answers right (forgetting). With --base-url the same cases are "
+        "answered by a running gateway over the OpenAI API (tools, tool_choice auto, temperature 0) and scored the same way, "
         "so the figure is the one the API delivers. Prints a table and writes JSON. "
-        "Generate a test set with `python -m training.datagen.function_calling --out DIR`.",
+        "Generate a test set with `python -m training.datagen.function_calling --out DIR`, the factual "
+        "questions with `python -m training.datagen.factual --out DIR`.",
     )
     parser.add_argument("--base", help="base model dir or hub id [default: the prepared model's hf dir]")
     parser.add_argument(
@@ -33,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--function-calling", type=Path, metavar="FILE", help="function-calling test JSONL")
     parser.add_argument("--general", type=Path, metavar="FILE", help="general text JSONL for perplexity ({\"text\": ...} lines)")
+    parser.add_argument("--factual", type=Path, metavar="FILE",
+                        help="short factual questions JSONL ({\"question\": ..., \"answers\": [...]} lines): "
+                        "factual_retained, the share of those the base answers right an adapter still does")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write the results as JSON here")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N function-calling cases")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap [default: 96]")
@@ -70,8 +77,8 @@ def _run_gateway(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--base-url: give --model NAME (the base model's id or an adapter's name)")
     if not args.function_calling:
         raise ConfigError("--base-url: give --function-calling FILE")
-    for flag, given in (("--general", args.general), ("--adapter", args.adapter), ("--base", args.base),
-                        ("--no-base", args.no_base), ("--threads", args.threads)):
+    for flag, given in (("--general", args.general), ("--factual", args.factual), ("--adapter", args.adapter),
+                        ("--base", args.base), ("--no-base", args.no_base), ("--threads", args.threads)):
         if given:
             raise ConfigError(f"{flag} is for in-process evaluation; not with --base-url")
     if not args.function_calling.is_file():
@@ -103,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.base_url:
             raise ConfigError("--model needs --base-url (in process, evaluate adapters with --adapter)")
         return _write(args, _run_gateway(args))
-    if not (args.function_calling or args.general):
-        raise ConfigError("nothing to evaluate: give --function-calling FILE and/or --general FILE")
-    for flag, path in (("--function-calling", args.function_calling), ("--general", args.general)):
+    if not (args.function_calling or args.general or args.factual):
+        raise ConfigError("nothing to evaluate: give --function-calling FILE, --general FILE and/or --factual FILE")
+    for flag, path in (("--function-calling", args.function_calling), ("--general", args.general),
+                       ("--factual", args.factual)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag}: {path} does not exist")
     adapters = _adapters(args.adapter)
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_base(args.base, load_settings())
     results = evaluate(
         base, adapters, args.function_calling, args.general, args.limit,
-        args.max_new_tokens, args.batch_size, include_base=not args.no_base,
+        args.max_new_tokens, args.batch_size, include_base=not args.no_base, factual=args.factual,
     )
     return _write(args, results)
 

@@ -22,9 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "train",
-        help="fine-tune a QLoRA/LoRA adapter from chat data (or DPO from an SFT adapter)",
-        description="Fine-tune a LoRA adapter. Data is validated before anything trains; the run "
-        "dir gets adapter/ (PEFT), checkpoints/, tensorboard/ and training_report.json. "
+        help="fine-tune a QLoRA/LoRA adapter: sft on chat data, dpo from an SFT adapter, orpo on "
+        "preference pairs, cpt on raw text",
+        description="Fine-tune a LoRA adapter. --method sft (chat/alpaca/text lines), dpo "
+        "(prompt/chosen/rejected, from dpo.sft_adapter), orpo (prompt/chosen/rejected, SFT and "
+        "preference in one stage, no SFT adapter needed) or cpt (continued pre-training on "
+        "{\"text\"} lines, packed; the report compares base and adapter perplexity on held-out "
+        "text). Data is validated before anything trains; the run "
+        "dir gets adapter/ (PEFT; --method galore, full-parameter sft with GaLore's low-rank "
+        "optimizer states: model/, a whole HF model), checkpoints/, tensorboard/ and training_report.json. "
         "Ctrl-C saves a checkpoint and stops; --resume continues it.",
     )
     parser.add_argument("config", metavar="CONFIG.yaml", nargs="?", type=Path, help="training config (YAML)")
@@ -49,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         "final_loss": report.final_loss,
         "eval_perplexity": report.eval_perplexity,
         "tokens_per_s": report.tokens_per_s,
-        "adapter_dir": str(report.adapter_dir),
+        "adapter_dir": str(report.adapter_dir) if report.adapter_dir else None,
+        "model_dir": str(report.model_dir) if report.model_dir else None,
         "published": report.published.engine_name if report.published else None,
     }
     print(json.dumps(summary, indent=2))
