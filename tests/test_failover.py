@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import time
 from typing import Iterator
 
 import httpx
@@ -16,6 +15,7 @@ from openai import OpenAI
 
 from tests.support.metrics import scrape, value
 from tests.support.servers import MODEL, TEST_VLLM_LAUNCH, ServerProcess, free_port, gateway
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -26,13 +26,6 @@ def engine_status(server: ServerProcess, name: str) -> dict:
     return httpx.get(server.base_url + "/ready", timeout=10).json()["engines"][name]
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

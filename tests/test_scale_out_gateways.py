@@ -15,9 +15,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import boto3
 import httpx
@@ -30,6 +29,7 @@ from tests.support.postgres_server import PostgresServer
 from tests.support.s3_server import CREDENTIALS, REGION, S3Server, s3_server
 from tests.support.servers import DATA_DIR, MODEL, ROOT, ServerProcess, gateway
 from tests.support.vllm_replicas import loaded_models, vllm_replicas
+from tests.support.waiting import wait_for
 from tuneserve.models.prepare import GGUF_NAME
 
 __all__ = ["s3_server"]  # the module-scoped fixture, imported for its tests
@@ -181,13 +181,6 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 # ---------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def wait_for_replicas(server: ServerProcess, count: int) -> None:

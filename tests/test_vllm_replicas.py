@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +26,7 @@ from tests.support.adapters import make_adapter, tar_gz_bytes
 from tests.support.metrics import scrape, value
 from tests.support.servers import DATA_DIR, MODEL, ServerProcess, free_port, gateway
 from tests.support.vllm_replicas import loaded_models, vllm_replicas
+from tests.support.waiting import wait_for
 from tuneserve.config import VLLMConfig
 from tuneserve.models.prepare import GGUF_NAME
 
@@ -178,13 +178,6 @@ def engine_name_on(servers: list[ServerProcess], adapter: str) -> dict[str, str]
     return found
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
