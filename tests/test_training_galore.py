@@ -167,3 +167,41 @@ def test_8bit_optimizer_trains_on_cpu(tmp_path: Path, data: Path) -> None:
     moments = [s.get("__bnb_optimizer_quant_state__", s)["state1"] for s in state.values()]
     large = [m for m in moments if m.numel() >= 4096]
     assert large and all(m.dtype == torch.uint8 for m in large)
+
+
+def test_eval_scores_the_whole_model_galore_wrote_beside_the_base(
+    galore_run: tuple[Path, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, rc = galore_run
+    assert rc == 0
+    general = tmp_path / "general.jsonl"
+    write_jsonl(general, [{"text": f"The code word is {i * 7 % 50}. It opens the door number {i}."} for i in range(4)])
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--general", str(general), "--full-model", f"galore={out / 'model'}",
+                 "--output", str(result), "--threads", "1"]) == 0
+    models = json.loads(result.read_text())["models"]
+    assert list(models) == ["base", "galore"]
+    assert models["galore"]["model"] == str(out / "model") and models["galore"]["adapter"] is None
+    # Two steps on "code word" lines moved the weights: the trained model scores that text better.
+    assert models["galore"]["general_perplexity"] < models["base"]["general_perplexity"]
+    assert models["galore"]["perplexity_change_pct"] < 0
+    assert "galore" in capsys.readouterr().out
+
+
+def test_eval_full_model_flag_is_checked(galore_run: tuple[Path, int], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = galore_run
+    general = tmp_path / "general.jsonl"
+    write_jsonl(general, [{"text": "hello"}])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    for spec, message in (
+        (f"x={tmp_path}", f"--full-model x={tmp_path}: {tmp_path} is not a model dir (no config.json)"),
+        (f"x={adapter}", "(an adapter: use --adapter)"),
+        (f"base={out / 'model'}", "the name 'base' is taken"),
+    ):
+        assert main(["eval", "--general", str(general), "--full-model", spec]) != 0
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--general", str(general), "--adapter", f"m={adapter}", "--full-model", f"m={out / 'model'}"]) != 0
+    assert "the name 'm' is taken" in capsys.readouterr().err

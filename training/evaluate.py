@@ -124,7 +124,8 @@ def load_texts(path: Path) -> list[str]:
 
 
 def load_model(base: str, adapter: Path | None = None) -> Any:
-    """float32, as the served GGUF (f16) and vLLM (float32) run the tiny model."""
+    """float32, as the served GGUF (f16) and vLLM (float32) run the tiny model. `base` may
+    be any model dir: a full fine-tune (GaLore's model/, a merge) is evaluated as a base."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -297,8 +298,10 @@ def evaluate(
     batch_size: int = 8,
     include_base: bool = True,
     factual: Path | None = None,
+    full_models: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Base and each adapter side by side; adds perplexity change and factual retention vs the base."""
+    """Base, each adapter and each full model (a fine-tune of the base sharing its tokenizer)
+    side by side; adds perplexity change and factual retention vs the base."""
     from training.model import load_tokenizer
 
     tokenizer = load_tokenizer(base)
@@ -306,11 +309,15 @@ def evaluate(
     texts = load_texts(general) if general else []
     questions = R.load_questions(factual) if factual else []
     models: dict[str, Any] = {}
-    variants: list[tuple[str, Path | None]] = ([("base", None)] if include_base else []) + list(adapters.items())
-    for name, adapter in variants:
-        model = load_model(base, adapter)
-        models[name] = {"adapter": str(adapter) if adapter else None, **evaluate_model(
-            model, tokenizer, cases, texts, max_new_tokens, batch_size, questions=questions)}
+    # (name, model dir, adapter)
+    variants: list[tuple[str, str, Path | None]] = [("base", base, None)] if include_base else []
+    variants += [(name, base, adapter) for name, adapter in adapters.items()]
+    variants += [(name, str(path), None) for name, path in (full_models or {}).items()]
+    for name, model_dir, adapter in variants:
+        model = load_model(model_dir, adapter)
+        labels = {"adapter": str(adapter) if adapter else None} | ({"model": model_dir} if model_dir != base else {})
+        models[name] = labels | evaluate_model(
+            model, tokenizer, cases, texts, max_new_tokens, batch_size, questions=questions)
         del model
     base_ppl = models.get("base", {}).get("general_perplexity")
     for name, result in models.items():

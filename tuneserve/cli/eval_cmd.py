@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--adapter", action="append", default=[], metavar="NAME=PATH",
         help="a PEFT adapter dir to evaluate (repeatable); NAME labels it in the table",
     )
+    parser.add_argument(
+        "--full-model", action="append", default=[], metavar="NAME=PATH",
+        help="a whole fine-tuned model dir to evaluate beside the base (repeatable): method galore's "
+        "<output_dir>/model, a merged model; it must share the base's tokenizer",
+    )
     parser.add_argument("--function-calling", type=Path, metavar="FILE", help="function-calling test JSONL")
     parser.add_argument("--general", type=Path, metavar="FILE", help="general text JSONL for perplexity ({\"text\": ...} lines)")
     parser.add_argument("--factual", type=Path, metavar="FILE",
@@ -56,18 +61,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _adapters(specs: list[str]) -> dict[str, Path]:
+def _named_dirs(adapter_specs: list[str], model_specs: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """--adapter and --full-model values as name -> dir, one namespace for both (they share the table)."""
+    taken = {"base"}
     adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        if name in adapters or name == "base":
-            raise ConfigError(f"--adapter {spec}: the name {name!r} is taken; use NAME=PATH")
-        if not is_adapter_dir(Path(path)):
-            raise ConfigError(f"--adapter {spec}: {path} is not a PEFT adapter dir (no adapter_config.json)")
-        adapters[name] = Path(path)
-    return adapters
+    models: dict[str, Path] = {}
+    for flag, specs, out in (("--adapter", adapter_specs, adapters), ("--full-model", model_specs, models)):
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = Path(spec).name, spec
+            if name in taken:
+                raise ConfigError(f"{flag} {spec}: the name {name!r} is taken; use NAME=PATH")
+            if flag == "--adapter" and not is_adapter_dir(Path(path)):
+                raise ConfigError(f"--adapter {spec}: {path} is not a PEFT adapter dir (no adapter_config.json)")
+            if flag == "--full-model" and not (Path(path) / "config.json").is_file():
+                hint = " (an adapter: use --adapter)" if is_adapter_dir(Path(path)) else ""
+                raise ConfigError(f"--full-model {spec}: {path} is not a model dir (no config.json){hint}")
+            taken.add(name)
+            out[name] = Path(path)
+    return adapters, models
 
 
 def _run_gateway(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,6 +91,7 @@ def _run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     if not args.function_calling:
         raise ConfigError("--base-url: give --function-calling FILE")
     for flag, given in (("--general", args.general), ("--factual", args.factual), ("--adapter", args.adapter),
+                        ("--full-model", args.full_model),
                         ("--base", args.base), ("--no-base", args.no_base), ("--threads", args.threads)):
         if given:
             raise ConfigError(f"{flag} is for in-process evaluation; not with --base-url")
@@ -116,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
                        ("--factual", args.factual)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag}: {path} does not exist")
-    adapters = _adapters(args.adapter)
-    if args.no_base and not adapters:
-        raise ConfigError("--no-base: give at least one --adapter")
+    adapters, full_models = _named_dirs(args.adapter, args.full_model)
+    if args.no_base and not (adapters or full_models):
+        raise ConfigError("--no-base: give at least one --adapter or --full-model")
     if args.threads:
         import torch
 
@@ -127,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         base, adapters, args.function_calling, args.general, args.limit,
         args.max_new_tokens, args.batch_size, include_base=not args.no_base, factual=args.factual,
+        full_models=full_models,
     )
     return _write(args, results)
 
