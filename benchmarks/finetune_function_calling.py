@@ -24,7 +24,8 @@ up <= 5% for every method. And for the SFT LoRA run (earlier goals): tool-name a
 >= 90% and JSON validity >= 98% over the lines that expect a call.
 
 With --reuse a step whose outputs exist from an invocation with the same settings is
-skipped, so a long run that stopped resumes at its first missing step.
+skipped, so a long run that stopped resumes at its first missing step. A --methods subset
+writes its JSON into the work dir (or --out), never over the committed table.
 
     python benchmarks/finetune_function_calling.py [--train 600 --test 100 --epochs 1 --threads 2]
 """
@@ -94,6 +95,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="evaluate the first N test lines (a smoke run)")
     parser.add_argument("--reuse", action="store_true",
                         help="skip the steps an earlier invocation with the same settings completed")
+    parser.add_argument("--out", type=Path,
+                        help="results JSON (default: benchmarks/results/ for every method; a --methods subset "
+                             "writes into the work dir, so it never replaces the committed table)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -105,7 +109,7 @@ def main() -> int:
     started = time.monotonic()
     WORK.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
-    settings = {k: v for k, v in vars(args).items() if k not in {"reuse", "methods"}}
+    settings = {k: v for k, v in vars(args).items() if k not in {"reuse", "methods", "out"}}
     threads = ["--threads", str(args.threads)]
     eval_inputs = ["--function-calling", str(data["test"]), "--general", str(data["general_eval"]),
                    "--factual", str(data["factual"]), *threads, *(["--limit", str(args.limit)] if args.limit else [])]
@@ -133,7 +137,8 @@ def main() -> int:
 
     payload = summary(args, methods, base, rows, data)
     payload["total_wall_s"] = round(time.monotonic() - started, 1)
-    write_result("finetune_function_calling", payload)
+    out = args.out or (None if set(METHODS) <= set(methods) else WORK / f"results-{'+'.join(methods)}.json")
+    print(f"results: {write_result('finetune_function_calling', payload, out)}")
     print(format_table(rows))
     return 0
 
